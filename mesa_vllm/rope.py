@@ -1,0 +1,92 @@
+"""Rotary position embedding math shared by the oracle and the backend.
+
+Conventions (the same as vLLM's and Hugging Face's):
+
+- Only the first ``rotary_dim`` channels of a head rotate; the rest pass through.
+- ``neox`` style pairs channel ``i`` with ``i + rotary_dim/2``; ``gptj`` style pairs
+  ``2i`` with ``2i + 1``.
+- A vector at position ``m`` is rotated by angle ``m * inv_freq[i]`` per pair, and both
+  cos and sin may carry a constant ``scale`` (YaRN's attention factor).
+
+Under RoPE the score of query ``q`` (position ``m``) and key ``k`` (position ``n``) is
+``q . Rot(n - m) . k`` on unrotated vectors: it depends on ``r = m - n`` only. The oracle
+evaluates that formula per pair (:func:`relative_scores`); the backend instead rotates
+queries and keys once each at absolute positions (:func:`rotate`), which is the same
+thing because rotations compose.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def pair_indices(rotary_dim: int, is_neox: bool, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Channel indices ``(first, second)`` of each rotation pair."""
+    half = rotary_dim // 2
+    if is_neox:
+        first = torch.arange(half, device=device)
+        second = first + half
+    else:
+        first = torch.arange(0, rotary_dim, 2, device=device)
+        second = first + 1
+    return first, second
+
+
+def rotate(
+    x: torch.Tensor,
+    positions: torch.Tensor,
+    inv_freq: torch.Tensor,
+    *,
+    is_neox: bool = True,
+    scale: float = 1.0,
+) -> torch.Tensor:
+    """Rotate ``x[..., tokens, heads?, head_size]``-shaped vectors at ``positions``.
+
+    ``x`` has shape ``[num_tokens, ..., head_size]`` and ``positions`` ``[num_tokens]``.
+    Angles are computed in float64 and the result is returned in ``x``'s dtype.
+    """
+    rotary_dim = 2 * inv_freq.numel()
+    angles = positions.to(torch.float64)[:, None] * inv_freq.to(torch.float64)[None, :]
+    cos = (torch.cos(angles) * scale).to(torch.float32)
+    sin = (torch.sin(angles) * scale).to(torch.float32)
+    extra_dims = x.dim() - 2
+    cos = cos.view(cos.shape[0], *([1] * extra_dims), -1)
+    sin = sin.view(sin.shape[0], *([1] * extra_dims), -1)
+    first, second = pair_indices(rotary_dim, is_neox, device=x.device)
+    xf = x.to(torch.float32)
+    a = xf[..., first]
+    b = xf[..., second]
+    out = xf.clone()
+    out[..., first] = a * cos - b * sin
+    out[..., second] = a * sin + b * cos
+    return out.to(x.dtype)
+
+
+def relative_scores(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    rel: torch.Tensor,
+    inv_freq: torch.Tensor,
+    *,
+    is_neox: bool = True,
+    scale: float = 1.0,
+) -> torch.Tensor:
+    """Dense per-pair RoPE scores ``q_p . Rot(-r[p, j]) . k_j`` (unscaled by 1/sqrt(d)).
+
+    ``q``: ``[Lq, d]`` and ``k``: ``[Lk, d]`` unrotated; ``rel``: ``[Lq, Lk]`` integer
+    relative positions. Computed in float64 for the rotary part: the oracle's job is to be
+    right, not fast. ``scale`` multiplies cos and sin as in YaRN, so it enters squared.
+    """
+    rotary_dim = 2 * inv_freq.numel()
+    first, second = pair_indices(rotary_dim, is_neox, device=q.device)
+    qd, kd = q.to(torch.float64), k.to(torch.float64)
+    qa, qb = qd[:, first], qd[:, second]
+    ka, kb = kd[:, first], kd[:, second]
+    # For one pair: q . R(-r) k = (qa ka + qb kb) cos(r w) + (qa kb - qb ka) sin(r w).
+    dot_same = qa[:, None, :] * ka[None, :, :] + qb[:, None, :] * kb[None, :, :]
+    dot_cross = qa[:, None, :] * kb[None, :, :] - qb[:, None, :] * ka[None, :, :]
+    angles = rel.to(torch.float64)[:, :, None] * inv_freq.to(torch.float64)[None, None, :]
+    rotary_part = (dot_same * torch.cos(angles) + dot_cross * torch.sin(angles)).sum(-1)
+    rotary_part = rotary_part * (scale * scale)
+    passthrough = qd[:, rotary_dim:] @ kd[:, rotary_dim:].T
+    return rotary_part + passthrough
