@@ -13,6 +13,7 @@ message that names the limit and a value that works.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Mapping
@@ -21,6 +22,9 @@ from typing import Any
 from mesa_vllm.rule import MesaGeometry
 
 PARAM_NAMES = ("F", "C", "R", "E", "log_n")
+# Hugging Face config attribute (JSON) through which every engine process gets the
+# resolved parameters; set by mesa_vllm.engine.
+GEOMETRY_CONFIG_KEY = "mesa_geometry"
 ENV_PREFIX = "MESA_"
 
 # Default shape, as fractions of T. Chosen by the sweep recorded in
@@ -119,8 +123,33 @@ def resolve_geometry(
         E = max(1, math.ceil(max_model_len / max(1, T - 1 - R_wanted)))
         while E < T and E * (T - 1 - _round_up(R_wanted, E)) < max_model_len:
             E += 1
-    R = given["R"] if "R" in given else _round_up(R_wanted, E)
-    F = given["F"] if "F" in given else _round_up(F_wanted, E)
+        if E >= T:
+            # No stair step covers max_model_len: name the limit that really fails (not
+            # whatever the degenerate E = T would break first) and a value that works.
+            if R_wanted >= T - 1:
+                raise MesaConfigError(
+                    f"mesa limit R < T - 1 is broken: R={R_wanted}, T={T}. A value that "
+                    f"works: R={max(1, int(T * DEFAULT_R_FRACTION))}."
+                )
+            if F_wanted >= T:
+                raise MesaConfigError(
+                    f"mesa limit F + C <= T is broken: F={F_wanted} >= T={T} leaves no room "
+                    f"for a middle chunk. A value that works: F={max(1, int(T * DEFAULT_F_FRACTION))}."
+                )
+            best = max(
+                (e * (T - 1 - _round_up(R_wanted, e)) for e in range(1, T)
+                 if _round_up(R_wanted, e) < T - 1 and _round_up(F_wanted, e) < T),
+                default=0,
+            )
+            raise MesaConfigError(
+                f"mesa limit max_model_len <= E * (T - 1 - R) cannot be met: max_model_len="
+                f"{max_model_len} is more than any stair step E serves with T={T} and "
+                f"R={R_wanted} (at most {best}). Use --max-model-len {best} or a smaller R."
+            )
+    # Defaults go on the E grid. So do user values when E was chosen here (its search
+    # assumed R on the grid); with E given too, user values are checked as given.
+    R = R_wanted if "R" in given and "E" in given else _round_up(R_wanted, E)
+    F = F_wanted if "F" in given and "E" in given else _round_up(F_wanted, E)
     C = given.get("C", max(1, min(int(T * DEFAULT_C_FRACTION), T - F)))
     log_n = given.get("log_n", True)
 
@@ -146,9 +175,14 @@ def validate_geometry(geom: MesaGeometry, max_model_len: int) -> None:
     if C < 1:
         raise MesaConfigError(f"mesa C={C} must be >= 1.")
     if F + C > T:
+        if F < T:
+            hint = f"C={T - F}"
+        else:  # no C >= 1 fits: the first chunk itself must shrink (to a multiple of E)
+            good_f = E * ((T - 1) // E)
+            hint = f"F={good_f} with C={min(C, T - good_f)}"
         raise MesaConfigError(
             f"mesa limit F + C <= T is broken: F={F} + C={C} = {F + C} > T={T}. "
-            f"A value that works: C={max(1, T - F)}."
+            f"A value that works: {hint}."
         )
     if R >= T - 1:
         raise MesaConfigError(
@@ -180,3 +214,19 @@ def describe(geom: MesaGeometry, max_model_len: int) -> str:
         f"log_n={geom.log_n} max_model_len={max_model_len} "
         f"(stair capacity {geom.max_supported_len})"
     )
+
+
+def geometry_to_json(geom: MesaGeometry) -> str:
+    return json.dumps(geom.as_dict())
+
+
+def geometry_from_hf_config(hf_config: Any) -> MesaGeometry:
+    raw = getattr(hf_config, GEOMETRY_CONFIG_KEY, None)
+    if raw is None:
+        raise RuntimeError(
+            "The MESA attention backend was selected but the engine was not configured "
+            "for it. Start vLLM with `--attention-backend mesa` (or "
+            "`LLM(..., attention_backend='mesa')`) with mesa-vllm installed, so the "
+            "plugin can set the model up."
+        )
+    return MesaGeometry(**json.loads(raw))

@@ -1,0 +1,381 @@
+"""The ``MESA`` attention backend for vLLM v1 (Backend / MetadataBuilder / Impl).
+
+- K/V live in vLLM's paged blocks, three planes per KV head (``kv_layout``): keys at
+  their true rotation (read by vLLM's own CPU kernel), values, and keys at the stair
+  rotation ``j // E``. Middle chunks read the first chunk's blocks in place; nothing is
+  copied between blocks.
+- The model hands over *unrotated* q and k (``mesa_vllm.models``); this backend rotates
+  keys once when it writes them and rotates queries per pass.
+- The builder turns the step into a plan once (``plan.build_plan``); each layer executes
+  it: plain rows through vLLM's CPU kernel, middle and stair runs as partial attentions
+  over gathered key ranges merged by log-sum-exp, and single-token stair queries through
+  a paged decode kernel that reads the stair plane in place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import ClassVar
+
+import torch
+
+from mesa_vllm.attention import ops as mesa_ops
+from mesa_vllm.attention.kv_layout import K_TRUE, VALUE, MesaKVPlanes, check_key_layout
+from mesa_vllm.attention.plan import StepPlan, build_plan
+from mesa_vllm.params import geometry_from_hf_config
+from mesa_vllm.rule import MesaGeometry
+from vllm.config import VllmConfig, get_current_vllm_config, get_layers_from_vllm_config
+from vllm.logger import init_logger
+from vllm.model_executor.layers.attention import Attention
+from vllm.utils.torch_utils import get_dtype_size
+from vllm.v1.attention.backend import (
+    AttentionBackend,
+    AttentionImpl,
+    AttentionLayer,
+    AttentionMetadataBuilder,
+    AttentionType,
+    CommonAttentionMetadata,
+    MultipleOf,
+)
+from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
+
+logger = init_logger(__name__)
+
+BACKEND_NAME = "MESA"
+
+
+def geometry_from_config(vllm_config: VllmConfig) -> MesaGeometry:
+    return geometry_from_hf_config(vllm_config.model_config.hf_config)
+
+
+class MesaAttentionBackend(AttentionBackend):
+    forward_includes_kv_cache_update: bool = True
+    supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16, torch.float32]
+    supported_kv_cache_dtypes: ClassVar[list] = ["auto"]
+
+    @staticmethod
+    def get_name() -> str:
+        return BACKEND_NAME
+
+    @staticmethod
+    def get_impl_cls() -> type["MesaAttentionImpl"]:
+        return MesaAttentionImpl
+
+    @staticmethod
+    def get_builder_cls() -> type["MesaMetadataBuilder"]:
+        return MesaMetadataBuilder
+
+    @staticmethod
+    def get_supported_kernel_block_sizes(kv_cache_spec=None) -> list[int | MultipleOf]:
+        return [MultipleOf(32)]  # vLLM's CPU kernel reads keys in 32-token tiles
+
+    @classmethod
+    def get_supported_head_sizes(cls) -> list[int]:
+        return [32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512]
+
+    @classmethod
+    def supported_kv_cache_layouts(cls) -> tuple[KVCacheLayout, ...]:
+        return (KVCacheLayout.LBHNC,)
+
+    @classmethod
+    def customize_spec(cls, spec: AttentionSpec) -> AttentionSpec:
+        """Three head slots per KV head: true-rotation keys, values, stair keys."""
+        if spec.num_head_slots is not None:
+            return spec
+        return replace(
+            spec,
+            num_head_slots=3 * spec.num_kv_heads,
+            state_content_bytes=spec.head_size * get_dtype_size(spec.dtype),
+        )
+
+    @classmethod
+    def supports_rswa(cls) -> bool:
+        # mesa_vllm.engine sets `rswa_window` only so the runner passes prompt lengths.
+        return True
+
+    @classmethod
+    def supports_attn_type(cls, attn_type: str) -> bool:
+        return attn_type == AttentionType.DECODER
+
+
+@dataclass
+class PlainCall:
+    """One call of vLLM's CPU kernel over the plain rows (a virtual batch if needed)."""
+
+    rows: torch.Tensor | None  # None: the step's rows as they are
+    query_start_loc: torch.Tensor
+    seq_lens: torch.Tensor
+    block_table: torch.Tensor
+    scheduler_metadata: torch.Tensor
+
+
+@dataclass
+class MesaMetadata:
+    num_actual_tokens: int
+    plan: StepPlan
+    slot_mapping: torch.Tensor
+    stair_key_positions: torch.Tensor
+    plain_call: PlainCall | None
+    decode_rows: torch.Tensor | None  # token-linear rows of the decode stair keys
+
+
+class MesaMetadataBuilder(AttentionMetadataBuilder[MesaMetadata]):
+    def __init__(self, kv_cache_spec, layer_names, vllm_config: VllmConfig, device):
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+        self.geometry = geometry_from_config(vllm_config)
+        self.block_size = kv_cache_spec.block_size
+        self.num_kv_heads = kv_cache_spec.num_kv_heads
+        self.head_size = kv_cache_spec.head_size
+        self.dtype = vllm_config.model_config.dtype
+        layers = get_layers_from_vllm_config(vllm_config, Attention, layer_names)
+        self.num_heads = next(iter(layers.values())).impl.num_heads
+        isa = _get_attn_isa(self.dtype, self.block_size, self.head_size, "auto")
+        # AMX packs keys in a layout mesa does not read; the vector kernel is exact.
+        self.isa = "vec" if isa == "amx" else isa
+        check_key_layout(self.dtype, self.block_size, self.head_size, self.isa)
+        for layer in layers.values():
+            layer.isa = self.isa
+        self.batch_decode = mesa_ops.paged_decode_supported(self.dtype, torch.device(device))
+
+    def build(
+        self,
+        common_prefix_len: int,
+        common_attn_metadata: CommonAttentionMetadata,
+        fast_build: bool = False,
+    ) -> MesaMetadata:
+        from vllm import _custom_ops as ops
+
+        cm = common_attn_metadata
+        if cm.rswa_prefix_lens is None:
+            raise RuntimeError(
+                "mesa needs each request's prompt length; the engine was not configured "
+                "by mesa-vllm (start it with --attention-backend mesa)."
+            )
+        num_reqs = cm.num_reqs
+        qsl = cm.query_start_loc_cpu[: num_reqs + 1].tolist()
+        seq_lens = cm.seq_lens[:num_reqs].cpu().tolist()
+        block_table = cm.block_table_tensor[:num_reqs].cpu()
+        plan = build_plan(
+            self.geometry,
+            query_start_loc=qsl,
+            seq_lens=seq_lens,
+            prompt_lens=cm.rswa_prefix_lens[:num_reqs].cpu().tolist(),
+            block_table=block_table,
+            block_size=self.block_size,
+            batch_decode=self.batch_decode,
+        )
+        num_tokens = plan.num_tokens
+
+        plain_call = None
+        if len(plan.plain):
+            if plan.all_plain:
+                rows = None
+                query_start_loc = cm.query_start_loc[: num_reqs + 1].to(torch.int32)
+                plain_seq_lens = cm.seq_lens[:num_reqs].to(torch.int32)
+                plain_table = cm.block_table_tensor[:num_reqs]
+            else:
+                pr = plan.plain
+                rows = torch.cat(
+                    [torch.arange(s, e) for s, e in zip(pr.row_starts, pr.row_ends)]
+                )
+                lengths = torch.tensor([e - s for s, e in zip(pr.row_starts, pr.row_ends)])
+                query_start_loc = torch.zeros(len(pr) + 1, dtype=torch.int32)
+                query_start_loc[1:] = torch.cumsum(lengths, 0)
+                plain_seq_lens = torch.tensor(pr.seq_lens, dtype=torch.int32)
+                plain_table = cm.block_table_tensor[torch.tensor(pr.requests)]
+            scheduler_metadata = ops.cpu_attn_get_scheduler_metadata(
+                num_reqs=int(plain_seq_lens.numel()),
+                num_heads=self.num_heads,
+                num_kv_heads=self.num_kv_heads,
+                head_dim=self.head_size,
+                seq_lens=plain_seq_lens,
+                dtype=self.dtype,
+                query_start_loc=query_start_loc,
+                causal=True,
+                sliding_window_size=-1,
+                isa=self.isa,
+                enable_kv_split=True,
+            )
+            plain_call = PlainCall(rows, query_start_loc, plain_seq_lens, plain_table, scheduler_metadata)
+
+        decode_rows = None
+        if plan.decode is not None:
+            tokens_per_page = 3 * self.num_kv_heads * self.block_size
+            decode_rows = plan.decode.stair_block_ids * tokens_per_page + plan.decode.stair_offsets
+
+        return MesaMetadata(
+            num_actual_tokens=num_tokens,
+            plan=plan,
+            slot_mapping=cm.slot_mapping[:num_tokens],
+            stair_key_positions=plan.positions // self.geometry.E,
+            plain_call=plain_call,
+            decode_rows=decode_rows,
+        )
+
+
+class MesaAttentionImpl(AttentionImpl):
+    def __init__(
+        self,
+        num_heads: int,
+        head_size: int,
+        scale: float,
+        num_kv_heads: int,
+        alibi_slopes: list[float] | None,
+        sliding_window: int | None,
+        kv_cache_dtype: str,
+        logits_soft_cap: float | None = None,
+        attn_type: str = AttentionType.DECODER,
+        kv_sharing_target_layer_name: str | None = None,
+        sinks: torch.Tensor | None = None,
+    ) -> None:
+        unsupported = {
+            "ALiBi slopes": alibi_slopes is not None,
+            "sliding-window attention": sliding_window is not None,
+            "logit soft-capping": bool(logits_soft_cap),
+            f"attention type {attn_type}": attn_type != AttentionType.DECODER,
+            "cross-layer KV sharing": kv_sharing_target_layer_name is not None,
+            "attention sinks": sinks is not None,
+            f"KV cache dtype {kv_cache_dtype}": kv_cache_dtype != "auto",
+        }
+        found = [name for name, bad in unsupported.items() if bad]
+        if found:
+            raise NotImplementedError(
+                f"The MESA attention backend does not support {', '.join(found)}. "
+                "Mesa-Extrapolation applies to decoder models with rotary position "
+                "embeddings and full attention."
+            )
+        self.num_heads = num_heads
+        self.head_size = head_size
+        self.scale = float(scale)
+        self.num_kv_heads = num_kv_heads
+        self.kv_cache_dtype = kv_cache_dtype
+        self.kv_sharing_target_layer_name = None
+        self.attn_type = attn_type
+        self.geometry = geometry_from_config(get_current_vllm_config())
+        self._tables: dict[torch.dtype, torch.Tensor] = {}
+
+    def _rotation(self, layer: AttentionLayer, dtype: torch.dtype):
+        rotary = getattr(layer, "mesa_rotary", None)
+        if rotary is None:
+            raise RuntimeError(
+                f"{type(layer).__name__} has no rotary embedding handed over by a Mesa "
+                "model class; the MESA backend only runs models registered by mesa-vllm."
+            )
+        table = self._tables.get(dtype)
+        if table is None:
+            table = rotary.cos_sin_cache.to(dtype)
+            self._tables[dtype] = table
+        return table, rotary.is_neox_style
+
+    def forward(
+        self,
+        layer: AttentionLayer,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        attn_metadata: MesaMetadata | None,
+        output: torch.Tensor,
+        output_scale: torch.Tensor | None = None,
+        output_block_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError("fused output quantization is not supported by MESA")
+        if attn_metadata is None:  # profiling / warm-up
+            return output
+        md = attn_metadata
+        plan = md.plan
+        n = md.num_actual_tokens
+        table, is_neox = self._rotation(layer, query.dtype)
+        planes = MesaKVPlanes(kv_cache, self.num_kv_heads)
+        hs = self.head_size
+
+        def rotated(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+            return mesa_ops.rotate_queries(x, positions, table, hs, is_neox)
+
+        # 1. Store the new keys at both rotations, and the values.
+        new_keys = key[:n]
+        planes.write(
+            rotated(new_keys, plan.positions),
+            rotated(new_keys, md.stair_key_positions),
+            value[:n],
+            md.slot_mapping,
+            layer.isa,  # type: ignore[attr-defined]
+        )
+
+        q = query[:n]
+        out = output[:n]
+
+        # 2. Plain rows: vLLM's own kernel over the true-rotation keys.
+        call = md.plain_call
+        if call is not None:
+            from vllm import _custom_ops as ops
+
+            plain_q = q if call.rows is None else q.index_select(0, call.rows)
+            plain_q = rotated(plain_q, plan.positions if call.rows is None else plan.positions[call.rows])
+            plain_out = out if call.rows is None else torch.empty_like(plain_q)
+            ops.cpu_attention_with_kv_cache(
+                query=plain_q,
+                key_cache=planes.key_true_pages,
+                value_cache=planes.value_pages,
+                output=plain_out,
+                query_start_loc=call.query_start_loc,
+                seq_lens=call.seq_lens,
+                scale=self.scale,
+                causal=True,
+                alibi_slopes=None,
+                sliding_window=-1,
+                block_table=call.block_table,
+                softcap=0.0,
+                scheduler_metadata=call.scheduler_metadata,
+                s_aux=None,
+            )
+            if call.rows is not None:
+                out.index_copy_(0, call.rows, plain_out)
+
+        # 3. Middle and stair runs: partial attentions over gathered ranges, merged.
+        for run in plan.runs:
+            run_q = q[run.row_start : run.row_end]
+            if run.scales is not None:
+                run_q = run_q * run.scales.to(run_q.dtype)[:, None, None]
+            parts: list[mesa_ops.Partial] = []
+            for p in run.passes:
+                keys = planes.gather(p.plane, p.keys.block_ids, p.keys.offsets)
+                values = planes.gather(VALUE, p.keys.block_ids, p.keys.offsets)
+                parts += mesa_ops.attend_causal_tail(
+                    rotated(run_q, p.rot_positions), keys, values, self.scale, p.num_causal
+                )
+            out[run.row_start : run.row_end] = mesa_ops.merge(parts, out.dtype)
+
+        # 4. Single-token stair queries: stair pass read in place, window pass gathered.
+        dec = plan.decode
+        if dec is not None:
+            dec_q = q.index_select(0, dec.rows)
+            if dec.scales is not None:
+                dec_q = dec_q * dec.scales.to(dec_q.dtype)[:, None, None]
+            stair = mesa_ops.paged_decode(
+                rotated(dec_q, dec.stair_positions).contiguous(),
+                planes.key_stair_rows(),
+                planes.value_rows(),
+                md.decode_rows,
+                dec.stair_lengths,
+                self.scale,
+            )
+            window_q = rotated(dec_q, dec.true_positions)
+            window_parts = [
+                mesa_ops.attend(
+                    window_q[i : i + 1],
+                    planes.gather(K_TRUE, w.block_ids, w.offsets),
+                    planes.gather(VALUE, w.block_ids, w.offsets),
+                    self.scale,
+                    causal=False,
+                )
+                for i, w in enumerate(dec.windows)
+            ]
+            window = mesa_ops.Partial(
+                torch.cat([w.out for w in window_parts]), torch.cat([w.lse for w in window_parts])
+            )
+            out.index_copy_(0, dec.rows, mesa_ops.merge([stair, window], out.dtype))
+        return output
