@@ -30,6 +30,7 @@ from mesa_vllm.params import (
     geometry_to_json,
     read_overrides,
     resolve_geometry,
+    trained_length,
 )
 
 _BACKEND_NAMES = {"MESA", "CUSTOM"}
@@ -58,22 +59,6 @@ def mesa_requested(engine_args: Any) -> bool:
 
         return AttentionBackendEnum.CUSTOM.get_path() == BACKEND_PATH
     return False
-
-
-def trained_length(hf_config: Any) -> int:
-    """``T``: ``max_position_embeddings``, or the original length under rope scaling."""
-    rope = getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None)
-    if isinstance(rope, dict):
-        original = rope.get("original_max_position_embeddings")
-        if original:
-            return int(original)
-    value = getattr(hf_config, "max_position_embeddings", None)
-    if not value:
-        raise MesaConfigError(
-            "the model config has no max_position_embeddings, so Mesa cannot know the "
-            "trained length T."
-        )
-    return int(value)
 
 
 def check_model_supported(hf_config: Any) -> str:

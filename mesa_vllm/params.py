@@ -88,6 +88,33 @@ def read_overrides(
     return parsed
 
 
+def trained_length(config: Any) -> int:
+    """``T`` of a Hugging Face config (spec, notation).
+
+    ``max_position_embeddings``, or the original length before rope scaling when the
+    config carries ``original_max_position_embeddings`` (in its rope parameters --
+    ``rope_parameters`` in transformers 5, ``rope_scaling`` before -- or at top level, as
+    Phi-3 does). An "original" length above ``max_position_embeddings`` (Phi-3's config
+    class defaults it to 4096) is not a scaling and is ignored.
+    """
+    value = getattr(config, "max_position_embeddings", None)
+    originals = []
+    for attr in ("rope_parameters", "rope_scaling"):
+        params = getattr(config, attr, None)
+        if isinstance(params, dict) and params.get("original_max_position_embeddings"):
+            originals.append(int(params["original_max_position_embeddings"]))
+    if getattr(config, "original_max_position_embeddings", None):
+        originals.append(int(config.original_max_position_embeddings))
+    if not value and not originals:
+        raise MesaConfigError(
+            f"{type(config).__name__} has no max_position_embeddings; cannot tell the "
+            "trained length T. Pass T explicitly."
+        )
+    if not value:
+        return min(originals)
+    return min([int(value), *originals])
+
+
 def default_max_model_len(trained_len: int) -> int:
     return DEFAULT_EXTENSION * trained_len
 
@@ -134,7 +161,8 @@ def resolve_geometry(
             if F_wanted >= T:
                 raise MesaConfigError(
                     f"mesa limit F + C <= T is broken: F={F_wanted} >= T={T} leaves no room "
-                    f"for a middle chunk. A value that works: F={max(1, int(T * DEFAULT_F_FRACTION))}."
+                    f"for a middle chunk. A value that works: "
+                    f"F={max(1, int(T * DEFAULT_F_FRACTION))}."
                 )
             best = max(
                 (e * (T - 1 - _round_up(R_wanted, e)) for e in range(1, T)

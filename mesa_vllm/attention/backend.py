@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 from typing import ClassVar
 
@@ -137,7 +138,10 @@ class MesaMetadataBuilder(AttentionMetadataBuilder[MesaMetadata]):
         check_key_layout(self.dtype, self.block_size, self.head_size, self.isa)
         for layer in layers.values():
             layer.isa = self.isa
-        self.batch_decode = mesa_ops.paged_decode_supported(self.dtype, torch.device(device))
+        # MESA_PAGED_DECODE=0 sends single-token stair queries through the gathered path.
+        self.batch_decode = os.environ.get("MESA_PAGED_DECODE", "1") != "0" and (
+            mesa_ops.paged_decode_supported(self.dtype, torch.device(device))
+        )
 
     def build(
         self,

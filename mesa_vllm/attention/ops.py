@@ -133,8 +133,10 @@ def paged_decode_supported(dtype: torch.dtype, device: torch.device) -> bool:
     if device.type != "cpu" or dtype not in (torch.bfloat16, torch.float16):
         return False
     try:
+        import vllm._custom_ops  # noqa: F401  (loads vLLM's _C op library)
+
         return hasattr(torch.ops._C, "decode_attention_cpu")
-    except (AttributeError, RuntimeError):
+    except (AttributeError, ImportError, RuntimeError):
         return False
 
 
