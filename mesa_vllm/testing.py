@@ -63,3 +63,94 @@ def random_prompt(length: int, seed: int, vocab: int = TINY_VOCAB) -> list[int]:
     """Token ids in ``[3, vocab)`` (skipping bos/eos/pad) for tiny-model tests."""
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(3, vocab, (length,), generator=generator).tolist()
+
+
+def worker_plugin_probe(worker=None) -> dict:
+    """Report, from inside the process that runs it, whether the ``mesa`` plugin is registered there.
+
+    Meant for ``LLM.collective_rpc(worker_plugin_probe)``: vLLM calls it in every worker process with
+    the worker object as its argument. It lives at module level in an installed module so that the
+    worker can unpickle it by reference. Returns plain values only (pid, parent pid, whether
+    ``AttentionBackendEnum`` has the ``MESA`` member that ``mesa_vllm.register()`` creates, and
+    whether vLLM's general plugins were loaded in that process).
+    """
+    import os
+
+    import vllm.plugins
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    return {
+        "pid": os.getpid(),
+        "ppid": os.getppid(),
+        "mesa_registered": "MESA" in AttentionBackendEnum.__members__,
+        "plugins_loaded": bool(vllm.plugins.plugins_loaded),
+        "worker_class": type(worker).__name__ if worker is not None else None,
+    }
+
+
+def shutdown_llm(llm) -> None:
+    """Stop a ``vllm.LLM``'s engine processes now, rather than whenever it is garbage collected.
+
+    Tests share one engine per module and call this in the fixture's teardown, so the next module
+    starts with free cores and memory. The caller should drop its own reference afterwards.
+    """
+    import gc
+
+    engine_core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    shutdown = getattr(engine_core, "shutdown", None)
+    if callable(shutdown):
+        try:
+            shutdown()
+        except Exception:  # already stopped or half-started; nothing left to free
+            pass
+    gc.collect()
+
+
+# ----------------------------------------------------------------------------------------
+# Engine helpers shared by the exactness tests (tiny models, token-id prompts).
+def tiny_engine(model_dir, **kwargs):
+    """A ``vllm.LLM`` on a tiny model: fp32, token ids in and out, 32-token blocks."""
+    from vllm import LLM
+
+    options = {"dtype": "float32", "enforce_eager": True, "skip_tokenizer_init": True, "block_size": 32}
+    options.update(kwargs)
+    return LLM(model=str(model_dir), **options)
+
+
+def prompt_logprobs(llm, prompts: list[list[int]]) -> list[list[float | None]]:
+    """Per-position logprob of each prompt token given the ones before (``[None, ...]``)."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0, detokenize=False)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    return [
+        [None] + [out.prompt_logprobs[i][t].logprob for i, t in enumerate(p) if i > 0]
+        for out, p in zip(outputs, prompts)
+    ]
+
+
+def greedy(llm, prompts: list[list[int]], max_tokens: int | list[int]) -> list[dict]:
+    """Greedy continuations: tokens, their logprobs, and prefix-cache hits per request."""
+    from vllm import SamplingParams
+
+    counts = max_tokens if isinstance(max_tokens, list) else [max_tokens] * len(prompts)
+    params = [
+        SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, logprobs=0, detokenize=False)
+        for n in counts
+    ]
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    results = []
+    for out in outputs:
+        completion = out.outputs[0]
+        results.append(
+            {
+                "tokens": list(completion.token_ids),
+                "logprobs": [lp[t].logprob for lp, t in zip(completion.logprobs, completion.token_ids)],
+                "cached_tokens": out.num_cached_tokens or 0,
+            }
+        )
+    return results
+
+
+def first_mismatch(got: list, want: list) -> int | None:
+    return next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), None)

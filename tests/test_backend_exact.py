@@ -1,19 +1,24 @@
 """vLLM + MESA is exact against the dense oracle on a tiny random Llama (T = 64).
 
-One engine per spelling (``mesa`` with small chunked-prefill steps and prefix caching on;
-``CUSTOM`` with whole-prompt steps and caching off), a mixed batch up to 8T, and the
-independent dense oracle (``mesa_vllm.oracle``) as the expectation.
+Three engines (``mesa`` eager and compiled, with small chunked-prefill steps and prefix
+caching on; ``CUSTOM`` with whole-prompt steps and caching off), a mixed batch up to 8T,
+and the independent dense oracle (``mesa_vllm.oracle``) as the expectation.
 """
 
 from __future__ import annotations
-
-import gc
 
 import pytest
 
 from mesa_vllm.oracle import MesaOracle
 from mesa_vllm.rule import MesaGeometry
-from mesa_vllm.testing import random_prompt
+from mesa_vllm.testing import (
+    first_mismatch,
+    greedy,
+    prompt_logprobs,
+    random_prompt,
+    shutdown_llm,
+    tiny_engine,
+)
 
 pytestmark = [pytest.mark.cpu, pytest.mark.e2e]
 
@@ -30,20 +35,17 @@ PROMPT_LENGTHS = [20, T, T + 1, 100, 3 * T + 7, 333, 8 * T]
 GENERATE_LENGTHS = [40, 130, 8 * T]
 NEW_TOKENS = 3 * T
 
-
-def _engine(model_dir, **kwargs):
-    from vllm import LLM
-
-    return LLM(
-        model=str(model_dir),
-        dtype="float32",
-        enforce_eager=True,
-        skip_tokenizer_init=True,
-        block_size=32,
-        max_model_len=MAX_LEN,
-        additional_config={"mesa": MESA},
-        **kwargs,
-    )
+ENGINES = {
+    # Small steps split prompts mid-chunk and mid-window at varying offsets.
+    "mesa-chunked-cached": dict(attention_backend="mesa", max_num_batched_tokens=80,
+                                enable_prefix_caching=True),
+    # vLLM's default compiled CPU mode (torch.compile), same small steps.
+    "mesa-compiled": dict(attention_backend="mesa", max_num_batched_tokens=80,
+                          enable_prefix_caching=True, enforce_eager=False),
+    # The CUSTOM spelling, whole prompts per step, no prefix caching.
+    "CUSTOM-whole-uncached": dict(attention_backend="CUSTOM", max_num_batched_tokens=MAX_LEN,
+                                  enable_prefix_caching=False),
+}
 
 
 @pytest.fixture(scope="module")
@@ -51,37 +53,12 @@ def oracle(tiny_llama_dir):
     return MesaOracle(tiny_llama_dir, GEOMETRY)
 
 
-@pytest.fixture(scope="module", params=["mesa-chunked-cached", "CUSTOM-whole-uncached"])
+@pytest.fixture(scope="module", params=list(ENGINES))
 def engine(request, tiny_llama_dir):
-    if request.param.startswith("mesa"):
-        llm = _engine(
-            tiny_llama_dir,
-            attention_backend="mesa",
-            # Small steps: prompts split mid-chunk and mid-window at varying offsets.
-            max_num_batched_tokens=80,
-            enable_prefix_caching=True,
-        )
-    else:
-        llm = _engine(
-            tiny_llama_dir,
-            attention_backend="CUSTOM",
-            max_num_batched_tokens=MAX_LEN,
-            enable_prefix_caching=False,
-        )
+    llm = tiny_engine(tiny_llama_dir, max_model_len=MAX_LEN, additional_config={"mesa": MESA},
+                      **ENGINES[request.param])
     yield llm
-    del llm
-    gc.collect()
-
-
-def _prompt_logprobs(llm, prompts):
-    from vllm import SamplingParams
-
-    params = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0, detokenize=False)
-    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    return [
-        [None] + [out.prompt_logprobs[i][tok].logprob for i, tok in enumerate(p) if i > 0]
-        for out, p in zip(outputs, prompts)
-    ]
+    shutdown_llm(llm)
 
 
 def test_engine_runs_mesa_classes(engine):
@@ -92,8 +69,7 @@ def test_engine_runs_mesa_classes(engine):
 
 def test_prompt_logprobs_match_oracle(engine, oracle):
     prompts = [random_prompt(n, seed=n) for n in PROMPT_LENGTHS]
-    got = _prompt_logprobs(engine, prompts)
-    for prompt, values in zip(prompts, got):
+    for prompt, values in zip(prompts, prompt_logprobs(engine, prompts)):
         want = oracle.prompt_logprobs(prompt)
         diffs = [abs(a - b) for a, b in zip(values[1:], want[1:])]
         worst = max(diffs)
@@ -104,13 +80,11 @@ def test_prompt_logprobs_match_oracle(engine, oracle):
 
 
 def test_greedy_continuation_matches_oracle(engine, oracle):
-    from vllm import SamplingParams
-
     prompts = [random_prompt(n, seed=1000 + n) for n in GENERATE_LENGTHS]
-    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True, detokenize=False)
-    outputs = engine.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    for prompt, out in zip(prompts, outputs):
-        got = list(out.outputs[0].token_ids)
+    results = greedy(engine, prompts, NEW_TOKENS)
+    for prompt, result in zip(prompts, results):
         want = oracle.greedy(prompt, NEW_TOKENS)
-        first_diff = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), None)
-        assert got == want, f"L={len(prompt)}: first mismatch at generated token {first_diff}"
+        assert result["tokens"] == want, (
+            f"L={len(prompt)}: first mismatch at generated token "
+            f"{first_mismatch(result['tokens'], want)}"
+        )
