@@ -1,0 +1,104 @@
+"""The backend's compute primitives against plain dense references (no engine)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mesa_vllm import rope
+from mesa_vllm.attention import ops
+from mesa_vllm.attention.kv_layout import K_STAIR, K_TRUE, VALUE, MesaKVPlanes, check_key_layout
+
+pytestmark = [pytest.mark.cpu]
+
+
+def dense_attention(q, k, v, scale, causal_offset=None):
+    """Reference: explicit scores, optional bottom-right causal mask."""
+    group = q.shape[1] // k.shape[1]
+    kk = k.float().repeat_interleave(group, 1)
+    vv = v.float().repeat_interleave(group, 1)
+    scores = torch.einsum("qhd,khd->hqk", q.float(), kk) * scale
+    if causal_offset is not None:
+        lq, lk = q.shape[0], k.shape[0]
+        allowed = torch.arange(lk)[None, :] <= torch.arange(lq)[:, None] + (lk - lq)
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    return torch.einsum("hqk,khd->qhd", scores.softmax(-1), vv), torch.logsumexp(scores, -1).T
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.mark.parametrize("group", [1, 3])
+def test_attend_and_merge_equal_one_softmax(group):
+    q = torch.randn(7, 2 * group, 32)
+    k, v = torch.randn(50, 2, 32), torch.randn(50, 2, 32)
+    want, want_lse = dense_attention(q, k, v, 0.2)
+    parts = [ops.attend(q, k[:13], v[:13], 0.2, causal=False), ops.attend(q, k[13:], v[13:], 0.2, causal=False)]
+    assert torch.allclose(ops.merge(parts, torch.float32), want, atol=1e-5)
+    whole = ops.attend(q, k, v, 0.2, causal=False)
+    assert torch.allclose(whole.lse, want_lse, atol=1e-5)
+
+
+def test_causal_tail_is_bottom_right_causal():
+    q = torch.randn(9, 4, 32)
+    k, v = torch.randn(30, 2, 32), torch.randn(30, 2, 32)
+    want, _ = dense_attention(q, k, v, 0.3, causal_offset=True)
+    got = ops.merge(ops.attend_causal_tail(q, k, v, 0.3, num_causal=9), torch.float32)
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_rotation_matches_rope_math():
+    head, dim = 3, 32
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2).float() / dim))
+    t = torch.arange(512).float()
+    freqs = torch.outer(t, inv_freq)
+    table = torch.cat([freqs.cos(), freqs.sin()], -1)
+    x = torch.randn(6, head, dim)
+    positions = torch.tensor([0, 1, 5, 63, 200, 511])
+    want = rope.rotate(x, positions, inv_freq, is_neox=True)
+    assert torch.allclose(ops.rotate_queries(x, positions, table, dim, True), want, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("block_size", [32, 128])
+def test_kv_planes_round_trip(dtype, block_size):
+    check_key_layout(dtype, block_size, 64, "vec")
+    cache = torch.zeros(6, 3 * 3, block_size, 64, dtype=dtype)
+    planes = MesaKVPlanes(cache, 3)
+    n = block_size + 17
+    key_true, key_stair, value = (torch.randn(n, 3, 64).to(dtype) for _ in range(3))
+    slots = torch.randperm(6 * block_size)[:n]
+    planes.write(key_true, key_stair, value, slots, "vec")
+    blocks, offsets = slots // block_size, slots % block_size
+    assert torch.equal(planes.gather(K_TRUE, blocks, offsets), key_true)
+    assert torch.equal(planes.gather(K_STAIR, blocks, offsets), key_stair)
+    assert torch.equal(planes.gather(VALUE, blocks, offsets), value)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_paged_decode_reads_stair_plane_in_place(dtype):
+    if not ops.paged_decode_supported(dtype, torch.device("cpu")):
+        pytest.fail("vLLM's CPU build should ship the paged decode kernel")
+    num_blocks, heads, block_size, dim = 40, 3, 128, 64
+    cache = torch.randn(num_blocks, 3 * heads, block_size, dim).to(dtype)
+    planes = MesaKVPlanes(cache, heads)
+    lengths = [1000, 130, 4000, 1]
+    table = torch.stack([torch.randperm(num_blocks - 1)[:32] + 1 for _ in lengths])
+    pos = torch.arange(max(lengths))
+    blocks = table[:, pos // block_size]
+    offsets = (pos % block_size).expand(len(lengths), -1)
+    q = torch.randn(len(lengths), 9, dim).to(dtype)
+    got = ops.paged_decode(
+        q, planes.key_stair_rows(), planes.value_rows(), planes.row_index(blocks, offsets),
+        torch.tensor(lengths), 1 / math.sqrt(dim),
+    )
+    for i, n in enumerate(lengths):
+        k = planes.gather(K_STAIR, blocks[i, :n], offsets[i, :n])
+        v = planes.gather(VALUE, blocks[i, :n], offsets[i, :n])
+        want, want_lse = dense_attention(q[i : i + 1], k, v, 1 / math.sqrt(dim))
+        assert torch.allclose(got.out[i].float(), want[0], atol=1e-2)
+        assert torch.allclose(got.lse[i], want_lse[0], atol=1e-3)
