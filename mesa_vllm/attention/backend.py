@@ -115,9 +115,10 @@ class MesaMetadata:
     num_actual_tokens: int
     plan: StepPlan
     slot_mapping: torch.Tensor
-    stair_key_positions: torch.Tensor
+    key_positions: torch.Tensor  # [2n]: true positions, then stair positions (j // E)
     plain_call: PlainCall | None
     decode_rows: torch.Tensor | None  # token-linear rows of the decode stair keys
+    decode_positions: torch.Tensor | None  # [2B]: stair query positions, then true ones
 
 
 class MesaMetadataBuilder(AttentionMetadataBuilder[MesaMetadata]):
@@ -204,18 +205,20 @@ class MesaMetadataBuilder(AttentionMetadataBuilder[MesaMetadata]):
             )
             plain_call = PlainCall(rows, query_start_loc, plain_seq_lens, plain_table, scheduler_metadata)
 
-        decode_rows = None
+        decode_rows = decode_positions = None
         if plan.decode is not None:
             tokens_per_page = 3 * self.num_kv_heads * self.block_size
             decode_rows = plan.decode.stair_block_ids * tokens_per_page + plan.decode.stair_offsets
+            decode_positions = torch.cat([plan.decode.stair_positions, plan.decode.true_positions])
 
         return MesaMetadata(
             num_actual_tokens=num_tokens,
             plan=plan,
             slot_mapping=cm.slot_mapping[:num_tokens],
-            stair_key_positions=plan.positions // self.geometry.E,
+            key_positions=torch.cat([plan.positions, plan.positions // self.geometry.E]),
             plain_call=plain_call,
             decode_rows=decode_rows,
+            decode_positions=decode_positions,
         )
 
 
@@ -299,87 +302,88 @@ class MesaAttentionImpl(AttentionImpl):
         def rotated(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
             return mesa_ops.rotate_queries(x, positions, table, hs, is_neox)
 
-        # 1. Store the new keys at both rotations, and the values.
-        new_keys = key[:n]
-        planes.write(
-            rotated(new_keys, plan.positions),
-            rotated(new_keys, md.stair_key_positions),
-            value[:n],
-            md.slot_mapping,
-            layer.isa,  # type: ignore[attr-defined]
-        )
+        # 1. Store the new keys at both rotations (one rotation call), and the values.
+        new_keys = rotated(key[:n].repeat(2, 1, 1), md.key_positions)
+        planes.write(new_keys[:n], new_keys[n:], value[:n], md.slot_mapping, layer.isa)  # type: ignore[attr-defined]
 
         q = query[:n]
         out = output[:n]
-
-        # 2. Plain rows: vLLM's own kernel over the true-rotation keys.
-        call = md.plain_call
-        if call is not None:
-            from vllm import _custom_ops as ops
-
-            plain_q = q if call.rows is None else q.index_select(0, call.rows)
-            plain_q = rotated(plain_q, plan.positions if call.rows is None else plan.positions[call.rows])
-            plain_out = out if call.rows is None else torch.empty_like(plain_q)
-            ops.cpu_attention_with_kv_cache(
-                query=plain_q,
-                key_cache=planes.key_true_pages,
-                value_cache=planes.value_pages,
-                output=plain_out,
-                query_start_loc=call.query_start_loc,
-                seq_lens=call.seq_lens,
-                scale=self.scale,
-                causal=True,
-                alibi_slopes=None,
-                sliding_window=-1,
-                block_table=call.block_table,
-                softcap=0.0,
-                scheduler_metadata=call.scheduler_metadata,
-                s_aux=None,
-            )
-            if call.rows is not None:
-                out.index_copy_(0, call.rows, plain_out)
-
-        # 3. Middle and stair runs: partial attentions over gathered ranges, merged.
+        if md.plain_call is not None:
+            self._plain(planes, q, out, md.plain_call, plan.positions, rotated)
         for run in plan.runs:
-            run_q = q[run.row_start : run.row_end]
-            if run.scales is not None:
-                run_q = run_q * run.scales.to(run_q.dtype)[:, None, None]
-            parts: list[mesa_ops.Partial] = []
-            for p in run.passes:
-                keys = planes.gather(p.plane, p.keys.block_ids, p.keys.offsets)
-                values = planes.gather(VALUE, p.keys.block_ids, p.keys.offsets)
-                parts += mesa_ops.attend_causal_tail(
-                    rotated(run_q, p.rot_positions), keys, values, self.scale, p.num_causal
-                )
-            out[run.row_start : run.row_end] = mesa_ops.merge(parts, out.dtype)
-
-        # 4. Single-token stair queries: stair pass read in place, window pass gathered.
-        dec = plan.decode
-        if dec is not None:
-            dec_q = q.index_select(0, dec.rows)
-            if dec.scales is not None:
-                dec_q = dec_q * dec.scales.to(dec_q.dtype)[:, None, None]
-            stair = mesa_ops.paged_decode(
-                rotated(dec_q, dec.stair_positions).contiguous(),
-                planes.key_stair_rows(),
-                planes.value_rows(),
-                md.decode_rows,
-                dec.stair_lengths,
-                self.scale,
-            )
-            window_q = rotated(dec_q, dec.true_positions)
-            window_parts = [
-                mesa_ops.attend(
-                    window_q[i : i + 1],
-                    planes.gather(K_TRUE, w.block_ids, w.offsets),
-                    planes.gather(VALUE, w.block_ids, w.offsets),
-                    self.scale,
-                    causal=False,
-                )
-                for i, w in enumerate(dec.windows)
-            ]
-            window = mesa_ops.Partial(
-                torch.cat([w.out for w in window_parts]), torch.cat([w.lse for w in window_parts])
-            )
-            out.index_copy_(0, dec.rows, mesa_ops.merge([stair, window], out.dtype))
+            self._run(planes, q, out, run, rotated)
+        if plan.decode is not None:
+            self._decode(planes, q, out, plan.decode, md.decode_rows, md.decode_positions, rotated)
         return output
+
+    def _plain(self, planes, q, out, call: PlainCall, positions, rotated) -> None:
+        """Plain rows: vLLM's own CPU kernel over the true-rotation keys."""
+        from vllm import _custom_ops as ops
+
+        if call.rows is None:
+            plain_q, plain_out = rotated(q, positions), out
+        else:
+            plain_q = rotated(q.index_select(0, call.rows), positions.index_select(0, call.rows))
+            plain_out = torch.empty_like(plain_q)
+        ops.cpu_attention_with_kv_cache(
+            query=plain_q,
+            key_cache=planes.key_true_pages,
+            value_cache=planes.value_pages,
+            output=plain_out,
+            query_start_loc=call.query_start_loc,
+            seq_lens=call.seq_lens,
+            scale=self.scale,
+            causal=True,
+            alibi_slopes=None,
+            sliding_window=-1,
+            block_table=call.block_table,
+            softcap=0.0,
+            scheduler_metadata=call.scheduler_metadata,
+            s_aux=None,
+        )
+        if call.rows is not None:
+            out.index_copy_(0, call.rows, plain_out)
+
+    def _run(self, planes, q, out, run, rotated) -> None:
+        """Middle or stair rows: one partial attention per pass, merged by LSE."""
+        run_q = q[run.row_start : run.row_end]
+        if run.scales is not None:
+            run_q = run_q * run.scales.to(run_q.dtype)[:, None, None]
+        rows = run_q.shape[0]
+        # Every pass's query rotation in one call.
+        all_q = rotated(run_q.repeat(len(run.passes), 1, 1), run.rot_positions)
+        parts: list[mesa_ops.Partial] = []
+        for i, p in enumerate(run.passes):
+            keys = planes.gather(p.plane, p.keys.block_ids, p.keys.offsets)
+            values = planes.gather(VALUE, p.keys.block_ids, p.keys.offsets)
+            parts += mesa_ops.attend_causal_tail(
+                all_q[i * rows : (i + 1) * rows], keys, values, self.scale, p.num_causal
+            )
+        out[run.row_start : run.row_end] = mesa_ops.merge(parts, out.dtype)
+
+    def _decode(self, planes, q, out, dec, decode_rows, decode_positions, rotated) -> None:
+        """Single-token stair queries: the stair pass reads the paged cache in place, the
+        window pass gathers its few keys."""
+        batch = dec.rows.numel()
+        dec_q = q.index_select(0, dec.rows)
+        if dec.scales is not None:
+            dec_q = dec_q * dec.scales.to(dec_q.dtype)[:, None, None]
+        both = rotated(dec_q.repeat(2, 1, 1), decode_positions)
+        stair = mesa_ops.paged_decode(
+            both[:batch], planes.key_stair_rows(), planes.value_rows(), decode_rows,
+            dec.stair_lengths, self.scale,
+        )
+        windows = [
+            mesa_ops.attend(
+                both[batch + i : batch + i + 1],
+                planes.gather(K_TRUE, w.block_ids, w.offsets),
+                planes.gather(VALUE, w.block_ids, w.offsets),
+                self.scale,
+                causal=False,
+            )
+            for i, w in enumerate(dec.windows)
+        ]
+        window = mesa_ops.Partial(
+            torch.cat([w.out for w in windows]), torch.cat([w.lse for w in windows])
+        )
+        out.index_copy_(0, dec.rows, mesa_ops.merge([stair, window], out.dtype))

@@ -85,6 +85,13 @@ def merge(parts: list[Partial], out_dtype: torch.dtype) -> torch.Tensor:
     """Exact softmax over the union of the partials' keys, from their outputs and LSEs."""
     if len(parts) == 1:
         return parts[0].out.to(out_dtype)
+    if len(parts) == 2:
+        # Weight of the first part: Z1 / (Z1 + Z2) = sigmoid(lse1 - lse2).
+        first, second = parts
+        w = torch.sigmoid(first.lse - second.lse).unsqueeze(-1)
+        merged = second.out.float()
+        merged += w * (first.out.float() - merged)
+        return merged.to(out_dtype)
     lse = torch.stack([p.lse for p in parts])  # [P, n, H]
     top = lse.amax(dim=0)
     weights = torch.exp(lse - top)  # [P, n, H]

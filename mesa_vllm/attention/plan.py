@@ -59,6 +59,11 @@ class TorchRun:
     scales: torch.Tensor | None  # log_n factor per row (stair runs only)
     kind: str  # "middle" or "stair"
 
+    @property
+    def rot_positions(self) -> torch.Tensor:
+        """Every pass's query rotation positions, concatenated in pass order."""
+        return torch.cat([p.rot_positions for p in self.passes])
+
 
 @dataclass
 class PlainRows:
