@@ -362,8 +362,8 @@ class MesaAttentionImpl(AttentionImpl):
         out[run.row_start : run.row_end] = mesa_ops.merge(parts, out.dtype)
 
     def _decode(self, planes, q, out, dec, decode_rows, decode_positions, rotated) -> None:
-        """Single-token stair queries: the stair pass reads the paged cache in place, the
-        window pass gathers its few keys."""
+        """Single-token stair queries: the stair pass reads the paged cache in place; the
+        windows' few keys are gathered once for the batch."""
         batch = dec.rows.numel()
         dec_q = q.index_select(0, dec.rows)
         if dec.scales is not None:
@@ -373,17 +373,13 @@ class MesaAttentionImpl(AttentionImpl):
             both[:batch], planes.key_stair_rows(), planes.value_rows(), decode_rows,
             dec.stair_lengths, self.scale,
         )
-        windows = [
-            mesa_ops.attend(
-                both[batch + i : batch + i + 1],
-                planes.gather(K_TRUE, w.block_ids, w.offsets),
-                planes.gather(VALUE, w.block_ids, w.offsets),
-                self.scale,
-                causal=False,
-            )
-            for i, w in enumerate(dec.windows)
-        ]
-        window = mesa_ops.Partial(
-            torch.cat([w.out for w in windows]), torch.cat([w.lse for w in windows])
+        # All windows in one call: gather their keys once, then the same paged kernel.
+        window = mesa_ops.paged_decode(
+            both[batch:],
+            planes.gather(K_TRUE, dec.window_keys.block_ids, dec.window_keys.offsets),
+            planes.gather(VALUE, dec.window_keys.block_ids, dec.window_keys.offsets),
+            dec.window_index,
+            dec.window_lengths,
+            self.scale,
         )
         out.index_copy_(0, dec.rows, mesa_ops.merge([stair, window], out.dtype))

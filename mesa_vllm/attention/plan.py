@@ -90,6 +90,9 @@ class StairDecode:
     stair_offsets: torch.Tensor  # [B, max_len]
     stair_lengths: torch.Tensor  # [B] = anchor a
     windows: list[KeyRange]  # keys [a, p] per request
+    window_keys: KeyRange  # all windows' keys, concatenated
+    window_index: torch.Tensor  # [B, max_window] rows of each window in window_keys
+    window_lengths: torch.Tensor  # [B]
 
 
 @dataclass
@@ -211,6 +214,14 @@ def build_plan(
         block_idx = torch.clamp(pos // block_size, max=rows_bt.shape[1] - 1)
         stair_blocks = rows_bt[:, block_idx]
         stair_blocks = torch.where(pos[None, :] < a[:, None], stair_blocks, torch.zeros_like(stair_blocks))
+        windows = [
+            _key_range(block_table[r], int(ai), int(pi) + 1, block_size)
+            for r, ai, pi in zip(reqs, a.tolist(), p.tolist())
+        ]
+        window_lengths = torch.tensor([w.size for w in windows], dtype=torch.int64)
+        window_offsets = torch.cumsum(window_lengths, 0) - window_lengths
+        window_index = window_offsets[:, None] + torch.arange(int(window_lengths.max()))[None, :]
+        window_index = torch.minimum(window_index, (window_offsets + window_lengths - 1)[:, None])
         decode = StairDecode(
             rows=torch.tensor([e[1] for e in decode_entries], dtype=torch.int64),
             stair_positions=p - a + a // geom.E,
@@ -219,9 +230,11 @@ def build_plan(
             stair_block_ids=stair_blocks,
             stair_offsets=(pos % block_size).expand(len(reqs), -1),
             stair_lengths=a,
-            windows=[
-                _key_range(block_table[r], int(ai), int(pi) + 1, block_size)
-                for r, ai, pi in zip(reqs, a.tolist(), p.tolist())
-            ],
+            windows=windows,
+            window_keys=KeyRange(
+                torch.cat([w.block_ids for w in windows]), torch.cat([w.offsets for w in windows])
+            ),
+            window_index=window_index,
+            window_lengths=window_lengths,
         )
     return StepPlan(num_tokens, positions, plain, runs, decode, all_plain)
