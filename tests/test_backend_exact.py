@@ -1,7 +1,8 @@
 """vLLM + MESA is exact against the dense oracle on a tiny random Llama (T = 64).
 
-Three engines (``mesa`` eager and compiled, with small chunked-prefill steps and prefix
-caching on; ``CUSTOM`` with whole-prompt steps and caching off), a mixed batch up to 8T,
+Four engines (``mesa`` eager, compiled and with portable kernels, with small
+chunked-prefill steps and prefix caching on; ``CUSTOM`` with whole-prompt steps and caching
+off), a mixed batch up to 8T,
 and the independent dense oracle (``mesa_vllm.oracle``) as the expectation.
 """
 
@@ -45,6 +46,9 @@ ENGINES = {
     # The CUSTOM spelling, whole prompts per step, no prefix caching.
     "CUSTOM-whole-uncached": dict(attention_backend="CUSTOM", max_num_batched_tokens=MAX_LEN,
                                   enable_prefix_caching=False),
+    # Portable kernels (what non-CPU devices run): every pass a gathered partial attention.
+    "mesa-portable": dict(attention_backend="mesa", max_num_batched_tokens=80,
+                          enable_prefix_caching=True, env={"MESA_KERNELS": "portable"}),
 }
 
 
@@ -55,8 +59,12 @@ def oracle(tiny_llama_dir):
 
 @pytest.fixture(scope="module", params=list(ENGINES))
 def engine(request, tiny_llama_dir):
-    llm = tiny_engine(tiny_llama_dir, max_model_len=MAX_LEN, additional_config={"mesa": MESA},
-                      **ENGINES[request.param])
+    options = dict(ENGINES[request.param])
+    with pytest.MonkeyPatch.context() as mp:  # workers inherit the environment at start
+        for name, value in options.pop("env", {}).items():
+            mp.setenv(name, value)
+        llm = tiny_engine(tiny_llama_dir, max_model_len=MAX_LEN, additional_config={"mesa": MESA},
+                          **options)
     yield llm
     shutdown_llm(llm)
 

@@ -57,7 +57,13 @@ def expand(geom: MesaGeometry, plan, row: int) -> dict[int, int]:
     return pairs
 
 
-def check_step(geom: MesaGeometry, prompt_lens: list[int], spans: list[tuple[int, int]], batch_decode: bool):
+def check_step(
+    geom: MesaGeometry,
+    prompt_lens: list[int],
+    spans: list[tuple[int, int]],
+    batch_decode: bool,
+    plain_kernel: bool = True,
+):
     qsl = [0]
     for q0, q1 in spans:
         qsl.append(qsl[-1] + q1 - q0)
@@ -65,7 +71,7 @@ def check_step(geom: MesaGeometry, prompt_lens: list[int], spans: list[tuple[int
     table = torch.arange(1, max_len // BLOCK + 2, dtype=torch.int32).repeat(len(spans), 1)
     plan = build_plan(
         geom, query_start_loc=qsl, seq_lens=[q1 for _, q1 in spans], prompt_lens=prompt_lens,
-        block_table=table, block_size=BLOCK, batch_decode=batch_decode,
+        block_table=table, block_size=BLOCK, batch_decode=batch_decode, plain_kernel=plain_kernel,
     )
     for req, ((q0, q1), L) in enumerate(zip(spans, prompt_lens)):
         rel, visible = relative_positions(geom, L, torch.arange(q0, q1), torch.arange(q1))
@@ -89,8 +95,11 @@ def test_whole_prompts(geom):
 
 
 @pytest.mark.parametrize("geom", GEOMETRIES, ids=str)
-@pytest.mark.parametrize("batch_decode", [False, True])
-def test_random_steps(geom, batch_decode):
+@pytest.mark.parametrize(
+    ("batch_decode", "plain_kernel"), [(False, True), (True, True), (False, False)],
+    ids=["gathered-decode", "paged-decode", "portable"],
+)
+def test_random_steps(geom, batch_decode, plain_kernel):
     rng = random.Random(hash(str(geom)) % 1000)
     for _ in range(30):
         spans, lengths = [], []
@@ -109,4 +118,4 @@ def test_random_steps(geom, batch_decode):
                 q1 = rng.randint(max(q0 + 1, L), max(q0 + 1, total))
             spans.append((q0, q1))
             lengths.append(L)
-        check_step(geom, lengths, spans, batch_decode)
+        check_step(geom, lengths, spans, batch_decode, plain_kernel)

@@ -117,6 +117,7 @@ class MesaMetadata:
     slot_mapping: torch.Tensor
     key_positions: torch.Tensor  # [2n]: true positions, then stair positions (j // E)
     plain_call: PlainCall | None
+    cpu_kernels: bool  # K_true in vLLM's CPU layout, plain rows through its kernel
     decode_rows: torch.Tensor | None  # token-linear rows of the decode stair keys
     decode_positions: torch.Tensor | None  # [2B]: stair query positions, then true ones
 
@@ -133,15 +134,26 @@ class MesaMetadataBuilder(AttentionMetadataBuilder[MesaMetadata]):
         self.dtype = vllm_config.model_config.dtype
         layers = get_layers_from_vllm_config(vllm_config, Attention, layer_names)
         self.num_heads = next(iter(layers.values())).impl.num_heads
-        isa = _get_attn_isa(self.dtype, self.block_size, self.head_size, "auto")
-        # AMX packs keys in a layout mesa does not read; the vector kernel is exact.
-        self.isa = "vec" if isa == "amx" else isa
-        check_key_layout(self.dtype, self.block_size, self.head_size, self.isa)
+        # CPU kernels: vLLM's own CPU attention for plain rows and the paged decode kernel.
+        # Portable mode (any other device, or MESA_KERNELS=portable) runs every pass as a
+        # gathered partial attention in PyTorch.
+        self.cpu_kernels = (
+            torch.device(device).type == "cpu"
+            and os.environ.get("MESA_KERNELS", "auto") != "portable"
+        )
+        self.isa = None
+        if self.cpu_kernels:
+            isa = _get_attn_isa(self.dtype, self.block_size, self.head_size, "auto")
+            # AMX packs keys in a layout mesa does not read; the vector kernel is exact.
+            self.isa = "vec" if isa == "amx" else isa
+            check_key_layout(self.dtype, self.block_size, self.head_size, self.isa)
         for layer in layers.values():
             layer.isa = self.isa
         # MESA_PAGED_DECODE=0 sends single-token stair queries through the gathered path.
-        self.batch_decode = os.environ.get("MESA_PAGED_DECODE", "1") != "0" and (
-            mesa_ops.paged_decode_supported(self.dtype, torch.device(device))
+        self.batch_decode = (
+            self.cpu_kernels
+            and os.environ.get("MESA_PAGED_DECODE", "1") != "0"
+            and mesa_ops.paged_decode_supported(self.dtype, torch.device(device))
         )
 
     def build(
@@ -170,6 +182,7 @@ class MesaMetadataBuilder(AttentionMetadataBuilder[MesaMetadata]):
             block_table=block_table,
             block_size=self.block_size,
             batch_decode=self.batch_decode,
+            plain_kernel=self.cpu_kernels,
         )
         num_tokens = plan.num_tokens
 
@@ -217,6 +230,7 @@ class MesaMetadataBuilder(AttentionMetadataBuilder[MesaMetadata]):
             slot_mapping=cm.slot_mapping[:num_tokens],
             key_positions=torch.cat([plan.positions, plan.positions // self.geometry.E]),
             plain_call=plain_call,
+            cpu_kernels=self.cpu_kernels,
             decode_rows=decode_rows,
             decode_positions=decode_positions,
         )
@@ -296,7 +310,7 @@ class MesaAttentionImpl(AttentionImpl):
         plan = md.plan
         n = md.num_actual_tokens
         table, is_neox = self._rotation(layer, query.dtype)
-        planes = MesaKVPlanes(kv_cache, self.num_kv_heads)
+        planes = MesaKVPlanes(kv_cache, self.num_kv_heads, cpu_kernel_layout=md.cpu_kernels)
         hs = self.head_size
 
         def rotated(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -3,9 +3,10 @@
 Each cache block holds three planes per KV head, as separate head slots of the page
 (vLLM's ``num_head_slots``; the layer view is ``[num_blocks, 3 * H, block_size, D]``):
 
-- ``K_TRUE`` (slots ``[0, H)``): keys rotated at their true position ``j``, written in
-  the layout of vLLM's CPU attention kernel (which stores each page transposed,
-  ``[D, block_size]``), so that kernel serves plain causal attention unchanged.
+- ``K_TRUE`` (slots ``[0, H)``): keys rotated at their true position ``j``. With vLLM's
+  CPU kernels they are written in that kernel's layout (each page transposed,
+  ``[D, block_size]``), so it serves plain causal attention unchanged; in portable mode
+  (other devices, or ``MESA_KERNELS=portable``) they are row-major like the other planes.
 - ``VALUE`` (slots ``[H, 2H)``): values, row-major ``[block_size, D]``.
 - ``K_STAIR`` (slots ``[2H, 3H)``): keys rotated at ``j // E``, row-major. Stair queries
   of every anchor read this plane as it is: the stair is rotated once, at write time.
@@ -32,7 +33,7 @@ NUM_PLANES = 3
 class MesaKVPlanes:
     """Views of one layer's cache tensor ``[num_blocks, 3H, block_size, D]``."""
 
-    def __init__(self, kv_cache: torch.Tensor, num_kv_heads: int):
+    def __init__(self, kv_cache: torch.Tensor, num_kv_heads: int, cpu_kernel_layout: bool = True):
         num_blocks, slots, block_size, head_size = kv_cache.shape
         if slots != NUM_PLANES * num_kv_heads:
             raise RuntimeError(
@@ -46,6 +47,7 @@ class MesaKVPlanes:
                 f"{kv_cache.stride()} for shape {tuple(kv_cache.shape)}."
             )
         self.cache = kv_cache
+        self.cpu_kernel_layout = cpu_kernel_layout
         self.num_blocks = num_blocks
         self.num_kv_heads = num_kv_heads
         self.block_size = block_size
@@ -77,10 +79,11 @@ class MesaKVPlanes:
         return self._row_view(K_STAIR)
 
     def key_true_rows(self) -> torch.Tensor:
-        """K_true is stored transposed per page: token stride 1, channel stride ``bs``.
-
-        Indexed with :meth:`transposed_index` (element units), not ``tau``.
+        """K_true in vLLM's CPU layout is transposed per page: token stride 1, channel
+        stride ``bs``; indexed with :meth:`transposed_index` (element units), not ``tau``.
         """
+        if not self.cpu_kernel_layout:
+            return self._row_view(K_TRUE)
         bs, d, h = self.block_size, self.head_size, self.num_kv_heads
         rows = (self.num_blocks - 1) * self.tokens_per_page * d + bs
         return torch.as_strided(
@@ -103,22 +106,28 @@ class MesaKVPlanes:
         key_stair: torch.Tensor,
         value: torch.Tensor,
         slot_mapping: torch.Tensor,
-        isa: str,
+        isa: str | None,
     ) -> None:
         """Store new tokens' keys (both rotations) and values at ``slot_mapping``."""
-        from vllm import _custom_ops as ops
-
-        ops.cpu_attn_reshape_and_cache(
-            key_true, value, self.key_true_pages, self.value_pages, slot_mapping, isa
-        )
         slots = slot_mapping.long()
         rows = self.row_index(slots // self.block_size, slots % self.block_size)
+        if self.cpu_kernel_layout:
+            from vllm import _custom_ops as ops
+
+            ops.cpu_attn_reshape_and_cache(
+                key_true, value, self.key_true_pages, self.value_pages, slot_mapping, isa
+            )
+        else:
+            self._row_view(K_TRUE)[rows] = key_true.to(self.cache.dtype)
+            self.value_rows()[rows] = value.to(self.cache.dtype)
         self.key_stair_rows()[rows] = key_stair.to(self.cache.dtype)
 
     def gather(self, plane: int, block_ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         """Rows ``[n, H, D]`` of ``plane`` for tokens at (block, offset)."""
-        if plane == K_TRUE:
+        if plane == K_TRUE and self.cpu_kernel_layout:
             return self.key_true_rows()[self.transposed_index(block_ids, offsets)]
+        if plane == K_TRUE:
+            return self.key_true_rows()[self.row_index(block_ids, offsets)]
         view = self.value_rows() if plane == VALUE else self.key_stair_rows()
         return view[self.row_index(block_ids, offsets)]
 

@@ -57,7 +57,7 @@ class TorchRun:
     row_end: int
     passes: list[Pass]
     scales: torch.Tensor | None  # log_n factor per row (stair runs only)
-    kind: str  # "middle" or "stair"
+    kind: str  # "plain" (portable mode only), "middle" or "stair"
 
     @property
     def rot_positions(self) -> torch.Tensor:
@@ -128,7 +128,11 @@ def build_plan(
     block_table: torch.Tensor,
     block_size: int,
     batch_decode: bool,
+    plain_kernel: bool = True,
 ) -> StepPlan:
+    """``plain_kernel``: plain rows go to one vLLM kernel call (``plan.plain``); without it
+    (portable mode) they become single-pass runs like the others.
+    """
     num_reqs = len(seq_lens)
     num_tokens = query_start_loc[num_reqs]
     positions = torch.empty(num_tokens, dtype=torch.int64)
@@ -150,7 +154,16 @@ def build_plan(
         row = lambda p: row0 + (p - q0)  # noqa: E731
 
         plain_end = geom.plain_end(L)
-        if q0 < plain_end:
+        if q0 < plain_end and not plain_kernel:
+            end = min(q1, plain_end)
+            p = torch.arange(q0, end)
+            runs.append(
+                TorchRun(row(q0), row(end),
+                         passes=[Pass(p, K_TRUE, _key_range(block_row, 0, end, block_size), end - q0)],
+                         scales=None, kind="plain")
+            )
+            all_plain = False
+        elif q0 < plain_end:
             end = min(q1, plain_end)
             plain.row_starts.append(row(q0))
             plain.row_ends.append(row(end))
