@@ -78,8 +78,13 @@ class FamilyAdapter:
     rotary_attr: str = "rotary_emb"
     is_neox: bool = True
 
-    def check(self, config: Any) -> None:
-        """Refuse configs whose attention is not plain full-causal RoPE attention."""
+    def check(self, config: Any, max_len: int | None = None) -> None:
+        """Refuse configs whose attention is not plain full-causal RoPE attention.
+
+        A ``sliding_window`` of at least ``max_len`` (the longest sequence the caller will
+        run) never masks a key; it is accepted (and switched off during oracle calls,
+        see :func:`unused_sliding_window`), as ``mesa_vllm.engine`` drops it for vLLM.
+        """
         rope_params = getattr(config, "rope_parameters", None) or {}
         if not isinstance(rope_params, dict) or "rope_type" not in rope_params:
             raise UnsupportedModelError(
@@ -93,7 +98,9 @@ class FamilyAdapter:
         sliding = getattr(config, "sliding_window", None)
         uses_sliding = getattr(config, "use_sliding_window", True)
         layer_types = getattr(config, "layer_types", None) or ()
-        if (sliding is not None and uses_sliding) or "sliding_attention" in layer_types:
+        if unused_sliding_window(config, max_len):
+            pass
+        elif (sliding is not None and uses_sliding) or "sliding_attention" in layer_types:
             raise UnsupportedModelError(
                 f"model uses sliding-window attention (sliding_window={sliding}); Mesa "
                 "needs full causal attention. Use a checkpoint without a sliding window "
@@ -130,9 +137,23 @@ class FamilyAdapter:
         return inv_freq, scaling
 
 
+def unused_sliding_window(config: Any, max_len: int | None) -> bool:
+    """Whether ``config`` sets a sliding window that no sequence of ``max_len`` reaches."""
+    sliding = getattr(config, "sliding_window", None)
+    if sliding is None or max_len is None or getattr(config, "use_sliding_window", True) is False:
+        return False
+    return int(sliding) >= int(max_len)
+
+
+# All of these compute cos/sin in ``<base model>.rotary_emb`` and rotate the first
+# ``rotary_dim = 2 * len(inv_freq)`` channels of each head with ``rotate_half`` (neox
+# pairing): full rotary for Llama/Mistral/Qwen2/Qwen3, ``partial_rotary_factor`` for
+# Phi-3, ``rotary_pct`` (default 0.25) for GPT-NeoX. Scaled rope types (linear, llama3,
+# yarn) change only ``inv_freq`` and ``attention_scaling``, which the oracle reads from
+# the module. GPT-J style (interleaved) pairing would need ``is_neox=False``; no family
+# here uses it.
 FAMILIES: tuple[FamilyAdapter, ...] = (
     FamilyAdapter(("llama", "mistral")),
-    # Same attention code path in transformers 5.x; listed for the later families work.
     FamilyAdapter(("qwen2", "qwen3", "phi3", "gpt_neox")),
 )
 
@@ -214,7 +235,11 @@ def _oracle_attention(
         raise RuntimeError(
             f"attention implementation {ATTN_IMPLEMENTATION!r} only runs inside a MesaOracle call."
         )
-    if kwargs.get("sliding_window") is not None or kwargs.get("sinks") is not None:
+    window = kwargs.get("sliding_window")
+    if window is not None and state.geometry is not None:
+        if window >= state.geometry.max_supported_len:
+            window = None  # never masks a key of a sequence this oracle runs
+    if window is not None or kwargs.get("sinks") is not None:
         raise UnsupportedModelError("sliding-window or sink attention reached the Mesa oracle.")
     batch, num_heads, num_queries, head_dim = query.shape
     num_kv_heads, num_keys = key.shape[1], key.shape[2]
@@ -265,6 +290,11 @@ def _register_attention() -> None:
 
 # --------------------------------------------------------------------------------------
 # The oracle
+def _max_len(geometry: MesaGeometry | None) -> int | None:
+    """The longest sequence an oracle with ``geometry`` runs (its stair capacity)."""
+    return None if geometry is None else geometry.max_supported_len
+
+
 class MesaOracle:
     """Mesa-Extrapolation (or, with ``geometry=None``, plain causal attention) on a HF model.
 
@@ -292,12 +322,14 @@ class MesaOracle:
             from transformers import AutoConfig, AutoModelForCausalLM
 
             config = AutoConfig.from_pretrained(model)
-            family_for(config).check(config)
+            family_for(config).check(config, _max_len(geometry))
             model = AutoModelForCausalLM.from_pretrained(model, dtype=dtype).to(device)
         self.model = model.eval()
         self.config = model.config
         self.family = family_for(self.config)
-        self.family.check(self.config)
+        self.family.check(self.config, _max_len(geometry))
+        # A window no sequence here reaches (checked above) is switched off during calls.
+        self._drop_sliding_window = unused_sliding_window(self.config, _max_len(geometry))
         self.trained_len = trained_length(self.config)
         self.geometry = geometry
         self.inv_freq, self.rope_scale = self.family.rope_frequencies(model, self.trained_len)
@@ -314,8 +346,11 @@ class MesaOracle:
         owner = self.family.rotary_owner(self.model)
         original_rotary = getattr(owner, self.family.rotary_attr)
         original_impl = self.config._attn_implementation
+        original_window = getattr(self.config, "sliding_window", None)
         setattr(owner, self.family.rotary_attr, _NoRotation(2 * self.inv_freq.numel()))
         self.config._attn_implementation = ATTN_IMPLEMENTATION
+        if self._drop_sliding_window:
+            self.config.sliding_window = None
         state = _CallState(
             geometry=self.geometry,
             prompt_len=prompt_len,
@@ -336,6 +371,8 @@ class MesaOracle:
                 torch.set_num_threads(threads_before)
             _STATE.reset(token)
             self.config._attn_implementation = original_impl
+            if self._drop_sliding_window:
+                self.config.sliding_window = original_window
             setattr(owner, self.family.rotary_attr, original_rotary)
 
     def _check_length(self, total_len: int, prompt_len: int) -> None:
@@ -447,10 +484,11 @@ def load_oracle(
     from mesa_vllm import params
 
     config = AutoConfig.from_pretrained(model_path)
-    family_for(config).check(config)
+    family = family_for(config)
     T = int(T or trained_length(config))
     max_model_len = int(max_model_len or params.default_max_model_len(T))
     geometry = params.resolve_geometry(T, max_model_len, mesa_overrides)
+    family.check(config, _max_len(geometry))
     return MesaOracle(model_path, geometry, dtype=dtype, device=device, num_threads=num_threads)
 
 
@@ -464,4 +502,5 @@ __all__ = [
     "load_oracle",
     "pair_rule",
     "trained_length",
+    "unused_sliding_window",
 ]

@@ -10,6 +10,40 @@ import torch
 TINY_VOCAB = 256
 
 
+def make_tiny_model(
+    path: str | Path,
+    config,
+    *,
+    seed: int = 0,
+    init_std: float | None = None,
+) -> Path:
+    """Write a tiny random ``*ForCausalLM`` built from a ``transformers`` config (fp32
+    safetensors) to ``path``; the class comes from ``AutoModelForCausalLM``.
+
+    Give ``config`` a large ``initializer_range`` (or pass ``init_std``): random models
+    with the usual 0.02 give nearly flat next-token distributions, where greedy decoding
+    flips on rounding noise. With a larger scale the top token usually wins by a clear
+    margin, so token-for-token comparisons test the attention rule rather than float luck.
+    """
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    if init_std is not None:
+        config.initializer_range = init_std
+    config.dtype = "float32"
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).to(torch.float32).eval()
+    if not getattr(config, "architectures", None):
+        config.architectures = [type(model).__name__]
+    model.save_pretrained(path, safe_serialization=True)
+    # Record how it was made, for humans reading a temp dir.
+    (path / "mesa_tiny.json").write_text(
+        json.dumps({"seed": seed, "init_std": config.initializer_range})
+    )
+    return path
+
+
 def make_tiny_llama(
     path: str | Path,
     *,
@@ -25,15 +59,10 @@ def make_tiny_llama(
 ) -> Path:
     """Write a tiny random ``LlamaForCausalLM`` (fp32 safetensors) to ``path``.
 
-    ``init_std`` is large on purpose: random models with the usual 0.02 give nearly flat
-    next-token distributions, where greedy decoding flips on rounding noise. With a
-    larger scale the top token usually wins by a clear margin, so token-for-token
-    comparisons test the attention rule rather than float luck.
+    ``init_std`` is large on purpose (see :func:`make_tiny_model`).
     """
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig
 
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     config = LlamaConfig(
         vocab_size=TINY_VOCAB,
         hidden_size=hidden_size,
@@ -51,12 +80,7 @@ def make_tiny_llama(
         torch_dtype="float32",
         **(extra_config or {}),
     )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).to(torch.float32).eval()
-    model.save_pretrained(path, safe_serialization=True)
-    # Record how it was made, for humans reading a temp dir.
-    (path / "mesa_tiny.json").write_text(json.dumps({"seed": seed, "init_std": init_std}))
-    return path
+    return make_tiny_model(path, config, seed=seed)
 
 
 def random_prompt(length: int, seed: int, vocab: int = TINY_VOCAB) -> list[int]:
@@ -66,13 +90,13 @@ def random_prompt(length: int, seed: int, vocab: int = TINY_VOCAB) -> list[int]:
 
 
 def worker_plugin_probe(worker=None) -> dict:
-    """Report, from inside the process that runs it, whether the ``mesa`` plugin is registered there.
+    """Report, from inside the process running it, whether the ``mesa`` plugin is registered there.
 
-    Meant for ``LLM.collective_rpc(worker_plugin_probe)``: vLLM calls it in every worker process with
-    the worker object as its argument. It lives at module level in an installed module so that the
-    worker can unpickle it by reference. Returns plain values only (pid, parent pid, whether
-    ``AttentionBackendEnum`` has the ``MESA`` member that ``mesa_vllm.register()`` creates, and
-    whether vLLM's general plugins were loaded in that process).
+    Meant for ``LLM.collective_rpc(worker_plugin_probe)``: vLLM calls it in every worker process
+    with the worker object as its argument. It lives at module level in an installed module so
+    that the worker can unpickle it by reference. Returns plain values only: pid, parent pid,
+    whether ``AttentionBackendEnum`` has the ``MESA`` member that ``mesa_vllm.register()``
+    creates, and whether vLLM's general plugins were loaded in that process.
     """
     import os
 
@@ -89,21 +113,10 @@ def worker_plugin_probe(worker=None) -> dict:
 
 
 def shutdown_llm(llm) -> None:
-    """Stop a ``vllm.LLM``'s engine processes now, rather than whenever it is garbage collected.
+    """Stop an ``LLM``'s engine processes (for module-scoped engine fixtures' teardown)."""
+    from mesa_vllm.llm_utils import shutdown_llm as _shutdown
 
-    Tests share one engine per module and call this in the fixture's teardown, so the next module
-    starts with free cores and memory. The caller should drop its own reference afterwards.
-    """
-    import gc
-
-    engine_core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
-    shutdown = getattr(engine_core, "shutdown", None)
-    if callable(shutdown):
-        try:
-            shutdown()
-        except Exception:  # already stopped or half-started; nothing left to free
-            pass
-    gc.collect()
+    _shutdown(llm)
 
 
 # ----------------------------------------------------------------------------------------

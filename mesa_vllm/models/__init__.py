@@ -3,6 +3,9 @@
 ``MESA_ARCHITECTURES`` maps a Hugging Face architecture to its Mesa class. When the MESA
 backend is selected, ``mesa_vllm.engine`` swaps the architecture in the model's config so
 vLLM builds the Mesa class; without the flag nothing changes.
+
+Each Mesa class is vLLM's own class for that architecture (the one vLLM's registry maps
+it to) plus :func:`mesa_vllm.models.base.hand_rotary_to_backend`.
 """
 
 from __future__ import annotations
@@ -10,6 +13,15 @@ from __future__ import annotations
 # HF architecture -> (registered Mesa architecture, "module:Class")
 MESA_ARCHITECTURES: dict[str, tuple[str, str]] = {
     "LlamaForCausalLM": ("MesaLlamaForCausalLM", "mesa_vllm.models.llama:MesaLlamaForCausalLM"),
+    "MistralForCausalLM": (
+        "MesaMistralForCausalLM", "mesa_vllm.models.mistral:MesaMistralForCausalLM"
+    ),
+    "Qwen2ForCausalLM": ("MesaQwen2ForCausalLM", "mesa_vllm.models.qwen2:MesaQwen2ForCausalLM"),
+    "Phi3ForCausalLM": ("MesaPhi3ForCausalLM", "mesa_vllm.models.phi3:MesaPhi3ForCausalLM"),
+    # vLLM serves it through its Transformers modeling backend.
+    "GPTNeoXForCausalLM": (
+        "MesaGPTNeoXForCausalLM", "mesa_vllm.models.gpt_neox:MesaGPTNeoXForCausalLM"
+    ),
 }
 
 
