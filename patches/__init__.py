@@ -96,6 +96,7 @@ def all_patches() -> list[Patch]:
         cpu_platform_backend,
         engine_config,
         prefix_cache_roles,
+        vllm_cli_version,
     )
 
     return [
@@ -103,6 +104,7 @@ def all_patches() -> list[Patch]:
         cpu_platform_backend.PATCH,
         engine_config.PATCH,
         prefix_cache_roles.PATCH,
+        vllm_cli_version.PATCH,
     ]
 
 

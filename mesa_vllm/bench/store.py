@@ -1,0 +1,88 @@
+"""Measurements as JSON lines, appended as each cell finishes, so a killed run resumes.
+
+A row is keyed by ``(backend, scenario, length, rep)``. It counts as done only if it has no
+``error`` and its ``fingerprint`` is the current run's (same engine settings, same workload);
+the last row of a key wins. Engine-level facts (KV bytes per token, startup time) go in the
+same file as rows with ``"type": "engine"``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+from mesa_vllm.evaluation.store import read_rows
+
+__all__ = ["BenchStore", "read_rows", "row_key", "append_rows"]
+
+
+def row_key(row: dict) -> tuple[str, str, int, int]:
+    return (str(row["backend"]), str(row["scenario"]), int(row["length"]), int(row["rep"]))
+
+
+def append_rows(path: str | os.PathLike, rows: Iterable[dict]) -> None:
+    """Append rows, one JSON object per line, flushed and synced (a torn last line from a
+    killed writer is closed first)."""
+    rows = list(rows)
+    if not rows:
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torn = False
+    if path.is_file() and path.stat().st_size:
+        with path.open("rb") as f:
+            f.seek(-1, os.SEEK_END)
+            torn = f.read(1) != b"\n"
+    with path.open("a") as f:
+        if torn:
+            f.write("\n")
+        for row in rows:
+            f.write(json.dumps(row, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+class BenchStore:
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def rows(self) -> list[dict]:
+        return read_rows(self.path)
+
+    def cell_rows(self, fingerprints: dict[str, str] | None = None) -> list[dict]:
+        """The latest measurement row of each key (``type == "cell"``). With ``fingerprints``
+        (backend kind -> fingerprint; kinds ``vllm`` and ``oracle``), rows of other settings
+        are left out."""
+        latest: dict[tuple, dict] = {}
+        for row in self.rows():
+            if row.get("type") != "cell":
+                continue
+            if fingerprints is not None:
+                kind = "oracle" if row.get("backend") == "oracle" else "vllm"
+                if row.get("fingerprint") != fingerprints.get(kind):
+                    continue
+            try:
+                latest[row_key(row)] = row
+            except (KeyError, TypeError, ValueError):
+                continue
+        return list(latest.values())
+
+    def done_keys(self, fingerprints: dict[str, str]) -> set[tuple[str, str, int, int]]:
+        return {row_key(r) for r in self.cell_rows(fingerprints) if not r.get("error")}
+
+    def engine_rows(self, fingerprints: dict[str, str] | None = None) -> list[dict]:
+        out = []
+        for row in self.rows():
+            if row.get("type") != "engine":
+                continue
+            if fingerprints is not None:
+                kind = "oracle" if row.get("backend") == "oracle" else "vllm"
+                if row.get("fingerprint") != fingerprints.get(kind):
+                    continue
+            out.append(row)
+        return out
+
+    def append(self, rows: Iterable[dict]) -> None:
+        append_rows(self.path, rows)
