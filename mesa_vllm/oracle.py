@@ -172,20 +172,6 @@ def family_for(config: Any) -> FamilyAdapter:
 
 # --------------------------------------------------------------------------------------
 # The attention function registered with transformers
-class _NoRotation(nn.Module):
-    """Stands in for a rotary module: ``cos = 1, sin = 0`` leaves q and k unrotated."""
-
-    def __init__(self, rotary_dim: int):
-        super().__init__()
-        self.rotary_dim = rotary_dim
-
-    def forward(self, x: torch.Tensor, position_ids: torch.Tensor, *args, **kwargs):
-        shape = (*position_ids.shape, self.rotary_dim)
-        cos = torch.ones(shape, dtype=x.dtype, device=x.device)
-        sin = torch.zeros(shape, dtype=x.dtype, device=x.device)
-        return cos, sin
-
-
 @dataclass
 class _CallState:
     """What the attention function needs to know about the forward pass in flight."""
@@ -347,7 +333,7 @@ class MesaOracle:
         original_rotary = getattr(owner, self.family.rotary_attr)
         original_impl = self.config._attn_implementation
         original_window = getattr(self.config, "sliding_window", None)
-        setattr(owner, self.family.rotary_attr, _NoRotation(2 * self.inv_freq.numel()))
+        setattr(owner, self.family.rotary_attr, rope.NoRotation(2 * self.inv_freq.numel()))
         self.config._attn_implementation = ATTN_IMPLEMENTATION
         if self._drop_sliding_window:
             self.config.sliding_window = None

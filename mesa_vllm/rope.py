@@ -18,6 +18,23 @@ thing because rotations compose.
 from __future__ import annotations
 
 import torch
+from torch import nn
+
+
+class NoRotation(nn.Module):
+    """Stands in for a Hugging Face rotary module: ``cos = 1, sin = 0`` leaves q and k as is
+    (``q * 1 + rotate_half(q) * 0`` is ``q`` exactly). The oracle and the GPT-NeoX Mesa model
+    use it to get unrotated q and k out of a Hugging Face attention module."""
+
+    def __init__(self, rotary_dim: int):
+        super().__init__()
+        self.rotary_dim = rotary_dim
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor, *args, **kwargs):
+        shape = (*position_ids.shape, self.rotary_dim)
+        cos = torch.ones(shape, dtype=x.dtype, device=x.device)
+        sin = torch.zeros(shape, dtype=x.dtype, device=x.device)
+        return cos, sin
 
 
 def pair_indices(rotary_dim: int, is_neox: bool, device=None) -> tuple[torch.Tensor, torch.Tensor]:

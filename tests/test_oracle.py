@@ -28,7 +28,6 @@ from mesa_vllm.oracle import (
     load_oracle,
     trained_length,
 )
-from mesa_vllm.rule import MesaGeometry
 from mesa_vllm.testing import TINY_VOCAB, make_tiny_llama, random_prompt
 
 pytestmark = pytest.mark.cpu

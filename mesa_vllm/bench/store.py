@@ -8,40 +8,17 @@ same file as rows with ``"type": "engine"``.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from mesa_vllm.evaluation.store import read_rows
+from mesa_vllm.evaluation.store import append_rows, read_rows
 
 __all__ = ["BenchStore", "read_rows", "row_key", "append_rows"]
 
 
 def row_key(row: dict) -> tuple[str, str, int, int]:
     return (str(row["backend"]), str(row["scenario"]), int(row["length"]), int(row["rep"]))
-
-
-def append_rows(path: str | os.PathLike, rows: Iterable[dict]) -> None:
-    """Append rows, one JSON object per line, flushed and synced (a torn last line from a
-    killed writer is closed first)."""
-    rows = list(rows)
-    if not rows:
-        return
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torn = False
-    if path.is_file() and path.stat().st_size:
-        with path.open("rb") as f:
-            f.seek(-1, os.SEEK_END)
-            torn = f.read(1) != b"\n"
-    with path.open("a") as f:
-        if torn:
-            f.write("\n")
-        for row in rows:
-            f.write(json.dumps(row, sort_keys=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
 
 
 class BenchStore:

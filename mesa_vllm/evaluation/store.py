@@ -45,6 +45,28 @@ def read_rows(path: str | os.PathLike) -> list[dict]:
     return rows
 
 
+def append_rows(path: str | os.PathLike, rows: Iterable[dict]) -> None:
+    """Append rows, one JSON object per line, flushed and synced. A torn last line (a writer
+    killed mid-line) is closed first, so the new rows start on a line of their own."""
+    rows = list(rows)
+    if not rows:
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torn = False
+    if path.is_file() and path.stat().st_size:
+        with path.open("rb") as f:
+            f.seek(-1, os.SEEK_END)
+            torn = f.read(1) != b"\n"
+    with path.open("a") as f:
+        if torn:
+            f.write("\n")
+        for row in rows:
+            f.write(json.dumps(row, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def latest_rows(rows: Iterable[dict]) -> dict[tuple, dict]:
     """The last row of each key."""
     out: dict[tuple, dict] = {}
@@ -72,19 +94,7 @@ class ResultStore:
         rows = list(rows)
         if not rows:
             return
-        self.dir.mkdir(parents=True, exist_ok=True)
-        torn = False
-        if self.path.is_file() and self.path.stat().st_size:
-            with self.path.open("rb") as f:
-                f.seek(-1, os.SEEK_END)
-                torn = f.read(1) != b"\n"  # a run killed mid-line: start a fresh line
-        with self.path.open("a") as f:
-            if torn:
-                f.write("\n")
-            for row in rows:
-                f.write(json.dumps(row, sort_keys=True) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        append_rows(self.path, rows)
         for row in rows:
             self.rows[row_key(row)] = row
 

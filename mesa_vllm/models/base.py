@@ -31,6 +31,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mesa_vllm.rope import NoRotation
 from vllm.config import VllmConfig
 from vllm.model_executor.layers.attention import Attention
 
@@ -44,20 +45,6 @@ class DeferredRotary(nn.Module):
 
     def forward(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor | None = None):
         return query, key
-
-
-class NoRotation(nn.Module):
-    """Stands in for a Hugging Face rotary module: ``cos = 1, sin = 0`` leaves q and k as is."""
-
-    def __init__(self, rotary_dim: int):
-        super().__init__()
-        self.rotary_dim = rotary_dim
-
-    def forward(self, x: torch.Tensor, position_ids: torch.Tensor, *args, **kwargs):
-        shape = (*position_ids.shape, self.rotary_dim)
-        cos = torch.ones(shape, dtype=x.dtype, device=x.device)
-        sin = torch.zeros(shape, dtype=x.dtype, device=x.device)
-        return cos, sin
 
 
 class RotaryTable(nn.Module):
