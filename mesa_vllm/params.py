@@ -27,8 +27,10 @@ PARAM_NAMES = ("F", "C", "R", "E", "log_n")
 GEOMETRY_CONFIG_KEY = "mesa_geometry"
 ENV_PREFIX = "MESA_"
 
-# Default shape, as fractions of T. Chosen by the sweep recorded in
-# benchmarks/results/ (see README, "Choosing the defaults").
+# Default shape, as fractions of T: a sink and middle chunks well inside T, and an exact
+# window of T/8 (the paper's final chunk of ~512 at T = 4k). Provisional: they give 20/20 on
+# the 16k passkey (benchmarks/results/passkey_16k), but the E/R sweep of issue #4
+# (`mesa-vllm eval --preset sweep`) that should choose them has not been run yet.
 DEFAULT_R_FRACTION = 1 / 8
 DEFAULT_F_FRACTION = 1 / 64
 DEFAULT_C_FRACTION = 1 / 4
