@@ -21,6 +21,15 @@ def row_key(row: dict) -> tuple[str, str, int, int]:
     return (str(row["backend"]), str(row["scenario"]), int(row["length"]), int(row["rep"]))
 
 
+def _same_settings(row: dict, fingerprints: dict[str, str] | None) -> bool:
+    """Whether ``row`` was measured with the current settings of its kind (``oracle`` rows
+    against the oracle's fingerprint, engine rows against vLLM's); ``None`` takes every row."""
+    if fingerprints is None:
+        return True
+    kind = "oracle" if row.get("backend") == "oracle" else "vllm"
+    return row.get("fingerprint") == fingerprints.get(kind)
+
+
 class BenchStore:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -36,10 +45,8 @@ class BenchStore:
         for row in self.rows():
             if row.get("type") != "cell":
                 continue
-            if fingerprints is not None:
-                kind = "oracle" if row.get("backend") == "oracle" else "vllm"
-                if row.get("fingerprint") != fingerprints.get(kind):
-                    continue
+            if not _same_settings(row, fingerprints):
+                continue
             try:
                 latest[row_key(row)] = row
             except (KeyError, TypeError, ValueError):
@@ -54,10 +61,8 @@ class BenchStore:
         for row in self.rows():
             if row.get("type") != "engine":
                 continue
-            if fingerprints is not None:
-                kind = "oracle" if row.get("backend") == "oracle" else "vllm"
-                if row.get("fingerprint") != fingerprints.get(kind):
-                    continue
+            if not _same_settings(row, fingerprints):
+                continue
             out.append(row)
         return out
 

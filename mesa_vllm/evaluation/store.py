@@ -92,8 +92,6 @@ class ResultStore:
 
     def append(self, rows: Iterable[dict]) -> None:
         rows = list(rows)
-        if not rows:
-            return
         append_rows(self.path, rows)
         for row in rows:
             self.rows[row_key(row)] = row
