@@ -272,6 +272,35 @@ def test_summary_stats_ratios_targets_markdown(tmp_path):
     assert out.stat().st_size > 1000
 
 
+def test_report_without_the_run_flags_uses_the_last_run(tmp_path):
+    """``mesa-vllm bench --report`` alone derives other settings (another KV size) than the
+    run's flags did; it reports the last run's rows instead of an empty table."""
+    from mesa_vllm.bench import runner
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({
+        "max_position_embeddings": 8192, "num_hidden_layers": 30, "num_attention_heads": 9,
+        "num_key_value_heads": 3, "hidden_size": 576}))
+    paths = runner.Paths(tmp_path / "out", "perf")
+    paths.out_dir.mkdir()
+    engine = {"max_model_len": 65792, "kv_cache_gib": 3}
+    append_rows(paths.results, [_row("mesa", "single", 65536, 0, fp="old", engine=engine,
+                                     prefill_s=20.0, prefill_tok_s=65536 / 20.0)]
+                + [dict(r, fingerprint="run", engine=engine) for r in _cells()])
+    report = runner.report(BenchConfig(), paths, str(model))
+    assert report["meta"]["fingerprints"]["vllm"] == "run"
+    assert report["meta"]["engine"] == engine
+    assert "| 32k | 3/3 |" in paths.markdown.read_text()
+    # with flags whose rows are stored, those rows are reported, not the last run's
+    mine = BenchConfig()
+    append_rows(paths.results, [_row("mesa", "single", 8192, 0, fp=mine.fingerprint(SHAPE),
+                                     prefill_s=4.0, prefill_tok_s=8192 / 4.0)])
+    report = runner.report(mine, paths, str(model))
+    assert report["meta"]["fingerprints"]["vllm"] == mine.fingerprint(SHAPE)
+    assert "| 32k |" not in paths.markdown.read_text()
+
+
 # --------------------------------------------------------------------------------------
 # profile parsing
 def test_pyspy_collapsed_summary():

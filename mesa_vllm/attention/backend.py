@@ -21,7 +21,8 @@ from typing import ClassVar
 import torch
 
 from mesa_vllm.attention import ops as mesa_ops
-from mesa_vllm.attention.kv_layout import K_TRUE, VALUE, MesaKVPlanes, check_key_layout
+from mesa_vllm.attention.kv_layout import (
+    K_TRUE, NUM_PLANES, VALUE, MesaKVPlanes, check_key_layout)
 from mesa_vllm.attention.plan import StepPlan, build_plan
 from mesa_vllm.params import geometry_from_hf_config
 from mesa_vllm.rule import MesaGeometry
@@ -115,6 +116,8 @@ class MesaMetadata:
     num_actual_tokens: int
     plan: StepPlan
     slot_mapping: torch.Tensor
+    # token-linear rows (kv_layout's row views) of the new tokens' slots, for every layer
+    write_rows: torch.Tensor
     key_positions: torch.Tensor  # [2n]: true positions, then stair positions (j // E)
     plain_call: PlainCall | None
     cpu_kernels: bool  # K_true in vLLM's CPU layout, plain rows through its kernel
@@ -220,14 +223,19 @@ class MesaMetadataBuilder(AttentionMetadataBuilder[MesaMetadata]):
 
         decode_rows = decode_positions = None
         if plan.decode is not None:
-            tokens_per_page = 3 * self.num_kv_heads * self.block_size
+            tokens_per_page = NUM_PLANES * self.num_kv_heads * self.block_size
             decode_rows = plan.decode.stair_block_ids * tokens_per_page + plan.decode.stair_offsets
             decode_positions = torch.cat([plan.decode.stair_positions, plan.decode.true_positions])
 
+        slots = cm.slot_mapping[:num_tokens]
+        tokens_per_page = NUM_PLANES * self.num_kv_heads * self.block_size
+        slots_long = slots.long()
         return MesaMetadata(
             num_actual_tokens=num_tokens,
             plan=plan,
-            slot_mapping=cm.slot_mapping[:num_tokens],
+            slot_mapping=slots,
+            write_rows=(slots_long // self.block_size) * tokens_per_page
+            + slots_long % self.block_size,
             key_positions=torch.cat([plan.positions, plan.positions // self.geometry.E]),
             plain_call=plain_call,
             cpu_kernels=self.cpu_kernels,
@@ -276,6 +284,16 @@ class MesaAttentionImpl(AttentionImpl):
         self.attn_type = attn_type
         self.geometry = geometry_from_config(get_current_vllm_config())
         self._tables: dict[torch.dtype, torch.Tensor] = {}
+        self._planes: MesaKVPlanes | None = None  # views of this layer's cache, made once
+
+    def _planes_of(self, kv_cache: torch.Tensor, cpu_kernels: bool) -> MesaKVPlanes:
+        planes = self._planes
+        if (planes is None or planes.cache.data_ptr() != kv_cache.data_ptr()
+                or planes.cache.shape != kv_cache.shape
+                or planes.cpu_kernel_layout != cpu_kernels):
+            planes = MesaKVPlanes(kv_cache, self.num_kv_heads, cpu_kernel_layout=cpu_kernels)
+            self._planes = planes
+        return planes
 
     def _rotation(self, layer: AttentionLayer, dtype: torch.dtype):
         rotary = getattr(layer, "mesa_rotary", None)
@@ -310,31 +328,42 @@ class MesaAttentionImpl(AttentionImpl):
         plan = md.plan
         n = md.num_actual_tokens
         table, is_neox = self._rotation(layer, query.dtype)
-        planes = MesaKVPlanes(kv_cache, self.num_kv_heads, cpu_kernel_layout=md.cpu_kernels)
+        planes = self._planes_of(kv_cache, md.cpu_kernels)
         hs = self.head_size
 
         def rotated(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
             return mesa_ops.rotate_queries(x, positions, table, hs, is_neox)
 
-        # 1. Store the new keys at both rotations (one rotation call), and the values.
-        new_keys = rotated(key[:n].repeat(2, 1, 1), md.key_positions)
-        planes.write(new_keys[:n], new_keys[n:], value[:n], md.slot_mapping, layer.isa)  # type: ignore[attr-defined]
+        def rotate_in_place(x: torch.Tensor, positions: torch.Tensor) -> None:
+            mesa_ops.rotate_in_place(x, positions, table, hs, is_neox)
+
+        # 1. Store the new keys at both rotations (one rotation call, in place on the fresh
+        # copy `repeat` makes), and the values.
+        new_keys = key[:n].repeat(2, 1, 1)
+        rotate_in_place(new_keys, md.key_positions)
+        planes.write(new_keys[:n], new_keys[n:], value[:n], md.slot_mapping, layer.isa,  # type: ignore[attr-defined]
+                     rows=md.write_rows)
 
         q = query[:n]
         out = output[:n]
         if md.plain_call is not None:
-            self._plain(planes, q, out, md.plain_call, plan.positions, rotated)
+            self._plain(planes, q, out, md.plain_call, plan.positions, rotated, rotate_in_place)
         for run in plan.runs:
             self._run(planes, q, out, run, rotated)
         if plan.decode is not None:
             self._decode(planes, q, out, plan.decode, md.decode_rows, md.decode_positions, rotated)
         return output
 
-    def _plain(self, planes, q, out, call: PlainCall, positions, rotated) -> None:
+    def _plain(self, planes, q, out, call: PlainCall, positions, rotated, rotate_in_place) -> None:
         """Plain rows: vLLM's own CPU kernel over the true-rotation keys."""
         from vllm import _custom_ops as ops
 
-        if call.rows is None:
+        if call.rows is None and q.stride(-1) == 1 and q.stride(-2) == q.shape[-1]:
+            # Every row is plain (prompts within T): rotate the queries in place, as the
+            # stock model would have, since no other pass reads them.
+            rotate_in_place(q, positions)
+            plain_q, plain_out = q, out
+        elif call.rows is None:
             plain_q, plain_out = rotated(q, positions), out
         else:
             plain_q = rotated(q.index_select(0, call.rows), positions.index_select(0, call.rows))

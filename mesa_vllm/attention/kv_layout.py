@@ -58,6 +58,8 @@ class MesaKVPlanes:
         self.key_true_pages = kv_cache[:, 0:h]
         self.value_pages = kv_cache[:, h : 2 * h]
         self.key_stair_pages = kv_cache[:, 2 * h : 3 * h]
+        self._value_rows: torch.Tensor | None = None
+        self._key_stair_rows: torch.Tensor | None = None
 
     # ------------------------------------------------------------------------------
     # Token-linear views: row ``tau = block * tokens_per_page + offset`` is that token's
@@ -73,10 +75,14 @@ class MesaKVPlanes:
         )
 
     def value_rows(self) -> torch.Tensor:
-        return self._row_view(VALUE)
+        if self._value_rows is None:
+            self._value_rows = self._row_view(VALUE)
+        return self._value_rows
 
     def key_stair_rows(self) -> torch.Tensor:
-        return self._row_view(K_STAIR)
+        if self._key_stair_rows is None:
+            self._key_stair_rows = self._row_view(K_STAIR)
+        return self._key_stair_rows
 
     def key_true_rows(self) -> torch.Tensor:
         """K_true in vLLM's CPU layout is transposed per page: token stride 1, channel
@@ -107,10 +113,13 @@ class MesaKVPlanes:
         value: torch.Tensor,
         slot_mapping: torch.Tensor,
         isa: str | None,
+        rows: torch.Tensor | None = None,
     ) -> None:
-        """Store new tokens' keys (both rotations) and values at ``slot_mapping``."""
-        slots = slot_mapping.long()
-        rows = self.row_index(slots // self.block_size, slots % self.block_size)
+        """Store new tokens' keys (both rotations) and values at ``slot_mapping``;
+        ``rows``: the slots' token-linear rows, if the caller computed them once per step."""
+        if rows is None:
+            slots = slot_mapping.long()
+            rows = self.row_index(slots // self.block_size, slots % self.block_size)
         if self.cpu_kernel_layout:
             from vllm import _custom_ops as ops
 

@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from mesa_vllm.engine import allow_long_steps
+
 
 def _set_env(config, settings: dict, verbose: bool) -> None:
     if not verbose:
@@ -29,6 +31,7 @@ def _set_env(config, settings: dict, verbose: bool) -> None:
     # LLM.collective_rpc with a function (the KV-cache probe) needs pickle.
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
     os.environ["VLLM_ALLOW_LONG_MAX_MODEL_LEN"] = "1"
+    allow_long_steps()  # default@64k: one prefill step outlasts vLLM's 300 s step timeout
 
 
 def engine_kwargs(backend: str, config, settings: dict) -> dict:

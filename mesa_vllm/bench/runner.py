@@ -189,6 +189,16 @@ def report(config: BenchConfig, paths: Paths, model: str, command: str | None = 
     store = BenchStore(paths.results)
     fps = fingerprints(config, shape)
     rows = store.cell_rows(fps)
+    engine_settings = config.engine_settings(shape)
+    if not rows and store.latest_fingerprints():
+        # No row has these flags' settings (``--report`` alone derives a default workload, and
+        # with it another KV size): report the last run's settings instead of an empty table.
+        fps = {**fps, **store.latest_fingerprints()}
+        rows = store.cell_rows(fps)
+        print(f"[bench] no rows in {paths.results} match these flags' settings; reporting the "
+              f"last run's (fingerprint {fps['vllm']})", flush=True)
+        recorded = next((r.get("engine") for r in reversed(rows) if r.get("engine")), None)
+        engine_settings = recorded or engine_settings
     engine_rows = store.engine_rows(fps)
     geometry = next((r.get("mesa_geometry") for r in engine_rows
                      if r.get("backend") == "mesa" and r.get("mesa_geometry")), None)
@@ -199,7 +209,7 @@ def report(config: BenchConfig, paths: Paths, model: str, command: str | None = 
                 "during this run: timings are unreliable (other work competed for the cores).")
     meta = {
         "name": paths.name, "model": Path(model).name, "config": config.to_dict(),
-        "engine": config.engine_settings(shape), "mesa_geometry": geometry,
+        "engine": engine_settings, "mesa_geometry": geometry,
         "fingerprints": fps, "command": command, "note": note,
         "generated": time.strftime("%Y-%m-%d %H:%M:%S"), "cells": len(rows),
     }

@@ -66,5 +66,14 @@ class BenchStore:
             out.append(row)
         return out
 
+    def latest_fingerprints(self) -> dict[str, str]:
+        """Fingerprints (kind -> fingerprint) of the most recent rows of each kind: the settings
+        of the last run, for a report asked for without that run's flags."""
+        out: dict[str, str] = {}
+        for row in self.rows():
+            if row.get("type") in ("cell", "engine") and row.get("fingerprint"):
+                out["oracle" if row.get("backend") == "oracle" else "vllm"] = row["fingerprint"]
+        return out
+
     def append(self, rows: Iterable[dict]) -> None:
         append_rows(self.path, rows)

@@ -17,6 +17,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from mesa_vllm.engine import allow_long_steps
 from mesa_vllm.evaluation.methods import EngineConfig
 from mesa_vllm.tasks.base import Sample
 
@@ -32,6 +33,7 @@ class OfflineEngine:
         if config.infeasible:
             raise ValueError(f"cannot build an infeasible engine: {config.infeasible}")
         os.environ.update({k: str(v) for k, v in config.env.items()})
+        allow_long_steps()  # origin at 64k: one prefill step outlasts vLLM's 300 s timeout
         from vllm import LLM
 
         kwargs: dict[str, Any] = {
