@@ -264,6 +264,8 @@ def test_summary_stats_ratios_targets_markdown(tmp_path):
     assert "mesa-vllm bench --lengths 32k,64k" in text
     assert "| 32k | 3/3 |" in text
     assert "MISSED" in text
+    failed = [line for line in text.splitlines() if line.startswith("- mesa@64k single rep")]
+    assert len(failed) == 1 and "error" not in full["table"][0]  # listed, not averaged in
     json.dumps(full)  # serialisable
 
     from mesa_vllm.bench.plot import plot

@@ -221,14 +221,14 @@ class MesaMetadataBuilder(AttentionMetadataBuilder[MesaMetadata]):
             )
             plain_call = PlainCall(rows, query_start_loc, plain_seq_lens, plain_table, scheduler_metadata)
 
+        # Token-linear rows (kv_layout's row views): block * tokens_per_page + offset.
+        tokens_per_page = NUM_PLANES * self.num_kv_heads * self.block_size
         decode_rows = decode_positions = None
         if plan.decode is not None:
-            tokens_per_page = NUM_PLANES * self.num_kv_heads * self.block_size
             decode_rows = plan.decode.stair_block_ids * tokens_per_page + plan.decode.stair_offsets
             decode_positions = torch.cat([plan.decode.stair_positions, plan.decode.true_positions])
 
         slots = cm.slot_mapping[:num_tokens]
-        tokens_per_page = NUM_PLANES * self.num_kv_heads * self.block_size
         slots_long = slots.long()
         return MesaMetadata(
             num_actual_tokens=num_tokens,

@@ -153,12 +153,16 @@ def build_summary(rows: list[dict], engine_rows: list[dict] | None = None,
         per_token = (row.get("kv") or {}).get("kv_bytes_per_token")
         if per_token:
             kv[row["backend"]] = per_token
+    # Cells that ran and failed stay in the report: a missing figure needs its reason.
+    failures = [{k: row.get(k) for k in ("backend", "scenario", "length", "rep", "error")}
+                for row in rows if row.get("type", "cell") == "cell" and row.get("error")]
     return {
         "meta": meta or {},
         "kv_bytes_per_token": kv,
         "table": table,
         "targets": evaluate_targets(agg),
         "scaling": scaling(agg),
+        "failures": failures,
     }
 
 
@@ -276,6 +280,12 @@ def markdown(summary: dict, command: str | None = None) -> str:
                       f"{s['backend']} {format_length(s['from'])}->{format_length(s['to'])} "
                       f"x{s['time_ratio']:.2f} (length x{s['length_ratio']:g})"
                       for s in scale) + ".", ""]
+    failures = summary.get("failures") or []
+    if failures:
+        lines += ["**Failed cells** (no figures; `--verbose` shows vLLM's log)", ""]
+        lines += [f"- {f['backend']}@{format_length(f['length'])} {f['scenario']} rep {f['rep']}: "
+                  f"`{f['error']}`" for f in failures]
+        lines.append("")
     lines += ["**Targets**", "", "| target | wanted | measured | status |", "|---|---:|---:|---|"]
     for t in summary["targets"]:
         value = "-" if t["value"] is None else f"{t['value']:.2f}"
