@@ -4,6 +4,7 @@ per-cell figures from traces, summary and ratios, targets, Markdown, plot, profi
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -323,3 +324,15 @@ def test_pyspy_collapsed_summary():
     assert incl["main (run.py)"] == pytest.approx(100.0)
     by_line = top_frames(stacks, "line")
     assert by_line["self"][0]["frame"] == "step (engine.py:12)"
+
+
+def test_long_steps_timeout_raised_unless_set(monkeypatch):
+    """vLLM's 300 s step limit killed default@64k; bench/eval engines raise it, a user's value wins."""
+    from mesa_vllm.engine import LONG_STEP_TIMEOUT_S, allow_long_steps
+
+    monkeypatch.delenv("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", raising=False)
+    allow_long_steps()
+    assert int(os.environ["VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS"]) == LONG_STEP_TIMEOUT_S > 300
+    monkeypatch.setenv("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", "900")
+    allow_long_steps()
+    assert os.environ["VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS"] == "900"
