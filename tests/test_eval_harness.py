@@ -250,6 +250,26 @@ def test_report_tables_and_plots(tmp_path):
     assert csv_text[0].startswith("task,method,length,n,planned")
 
 
+def test_accuracy_plot_keeps_each_method_colour_across_panels(tmp_path, monkeypatch):
+    # origin has passkey points only; mesa must be drawn in the same colour in both panels,
+    # not in the first free colour of the panel where origin is absent.
+    records = [
+        {"task": "passkey", "method": "origin", "length": 4096, "n": 4, "mean": 1.0},
+        {"task": "passkey", "method": "mesa", "length": 4096, "n": 4, "mean": 1.0},
+        {"task": "niah_multikey", "method": "mesa", "length": 32768, "n": 4, "mean": 0.5},
+    ]
+    figures = []
+    plt = report._plt()
+    monkeypatch.setattr(plt, "close", figures.append)
+    assert report.plot_accuracy(records, tmp_path / "accuracy.png", trained_len=T)
+    passkey_ax, multikey_ax = figures[0].axes[:2]
+    # errorbar() labels its container; the container's first line is the data line
+    colour = {ax.get_title(): {c.get_label(): c.lines[0].get_color() for c in ax.containers}
+              for ax in (passkey_ax, multikey_ax)}
+    assert colour["niah_multikey"]["mesa"] == colour["passkey"]["mesa"]
+    assert colour["passkey"]["mesa"] != colour["passkey"]["origin"]
+
+
 # ---------------------------------------------------------------------------------------------
 # Endpoint mode against a fake OpenAI-compatible server
 class _Oracle(BaseHTTPRequestHandler):

@@ -28,7 +28,15 @@ from mesa_vllm.oracle import (
     load_oracle,
     trained_length,
 )
-from mesa_vllm.testing import TINY_VOCAB, make_tiny_llama, random_prompt
+from mesa_vllm.testing import (
+    MAX_GREEDY_TIES,
+    TINY_VOCAB,
+    check_greedy_result,
+    greedy_mismatches,
+    greedy_mismatches_vs_oracle,
+    make_tiny_llama,
+    random_prompt,
+)
 
 pytestmark = pytest.mark.cpu
 
@@ -178,6 +186,24 @@ def test_eos_stops_generation(mesa):
     stop = ids[3]
     first = ids.index(stop)
     assert mesa.greedy(prompt, 10, eos_token_id=stop) == ids[: first + 1]
+
+
+def test_greedy_check_accepts_only_near_ties(mesa):
+    """The engine tests' greedy check: the oracle's own continuation passes, a token that is
+    not (near-)top fails with its position, and near-ties are counted, not hidden."""
+    prompt = random_prompt(LONG, seed=10)
+    ids = mesa.greedy(prompt, 12)
+    assert greedy_mismatches_vs_oracle(mesa, prompt, ids) == ([], 0)
+    steps = mesa.logits(prompt + ids, prompt_len=len(prompt))[len(prompt) - 1 : -1].double()
+    worst = int(steps[5].argmin())
+    problems, _ = greedy_mismatches_vs_oracle(mesa, prompt, ids[:5] + [worst] + ids[6:])
+    assert len(problems) >= 1 and problems[0].startswith("generated token 5:")
+    # With a tolerance wider than every gap, every differing token counts as a tie.
+    second = [int(row.topk(2).indices[1]) for row in steps]
+    problems, ties = greedy_mismatches(steps, second, tie_tol=float("inf"))
+    assert problems == [] and ties == len(ids)
+    with pytest.raises(AssertionError, match="near-ties"):
+        check_greedy_result([], MAX_GREEDY_TIES + 1, "x")
 
 
 # --------------------------------------------------------------------------------------

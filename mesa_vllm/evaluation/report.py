@@ -237,6 +237,13 @@ def _x_axis(ax, lengths, trained_len):
         ax.axvline(trained_len, color="0.6", linestyle="--", linewidth=1)
 
 
+def _method_colors(methods) -> dict[str, str]:
+    """One colour per method for every panel of a figure, so a method keeps its colour in a
+    panel where the methods before it have no points."""
+    palette = [f"C{i}" for i in range(10)]
+    return {m: palette[i % len(palette)] for i, m in enumerate(methods)}
+
+
 def _series(records, task, methods, field):
     out = {}
     for m in methods:
@@ -265,6 +272,7 @@ def plot_accuracy(records, path: Path, trained_len=None, variants: bool = False,
     rows_n = math.ceil(len(tasks) / cols)
     fig, axes = plt.subplots(rows_n, cols, figsize=(5.2 * cols, 3.8 * rows_n), squeeze=False)
     lengths = sorted({r["length"] for r in records})
+    colors = _method_colors(methods)
     drawn = False
     for ax, task in zip(axes.flat, tasks):
         for m, pts in _series(records, task, methods, "mean").items():
@@ -273,7 +281,7 @@ def plot_accuracy(records, path: Path, trained_len=None, variants: bool = False,
             err = [p[2] or 0 for p in pts]
             style = "-" if not _is_variant(m) else "--"
             ax.errorbar(xs, ys, yerr=err, marker="o", markersize=3, capsize=2, linestyle=style,
-                        linewidth=2.2 if m == "mesa" else 1.2, label=m)
+                        linewidth=2.2 if m == "mesa" else 1.2, label=m, color=colors[m])
             drawn = True
         _x_axis(ax, lengths, trained_len)
         ax.set_ylim(-0.03, 1.03)
@@ -308,6 +316,7 @@ def plot_perplexity(records, path: Path, trained_len=None) -> bool:
     plt = _plt()
     methods = [m for m in dict.fromkeys(r["method"] for r in ppl)]
     lengths = sorted({r["length"] for r in records})
+    colors = _method_colors(methods)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, field, what in ((axes[0], "ppl", "whole window"),
                             (axes[1], "tail_ppl", f"last {TAIL} tokens")):
@@ -315,7 +324,7 @@ def plot_perplexity(records, path: Path, trained_len=None) -> bool:
             xs = [p[0] for p in pts]
             ys = [min(p[1], 1e6) for p in pts]
             ax.plot(xs, ys, marker="o", markersize=3, linestyle="--" if _is_variant(m) else "-",
-                    linewidth=2.2 if m == "mesa" else 1.2, label=m)
+                    linewidth=2.2 if m == "mesa" else 1.2, label=m, color=colors[m])
         _x_axis(ax, lengths, trained_len)
         ax.set_yscale("log")
         ax.set_title(f"perplexity, {what}")
