@@ -76,6 +76,22 @@ def test_presets_are_valid():
         Grid.from_options(methods=["mesa", "mesa"])
 
 
+def test_every_sweep_point_runs_somewhere():
+    """A sweep variant that the rule refuses at every length would silently measure nothing."""
+    from mesa_vllm.params import MesaConfigError, resolve_geometry
+
+    sweep = Grid.from_options(preset="sweep")
+    for method in sweep.methods:
+        feasible = []
+        for length in sweep.lengths:
+            try:
+                resolve_geometry(T, length, method.param_dict)
+                feasible.append(length)
+            except MesaConfigError:
+                pass
+        assert feasible, f"{method.label} is refused at every length of the sweep"
+
+
 # ---------------------------------------------------------------------------------------------
 # Methods -> engines
 def test_parse_method():

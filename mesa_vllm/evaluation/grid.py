@@ -43,13 +43,14 @@ PRESETS: dict[str, dict] = {
     },
     # The mesa parameter sweep (passkey + multi-key needle, past T only). E can be no smaller
     # than the stair capacity allows: at 32k E >= 5, at 64k E >= 9 (T = 8192); infeasible
-    # points are reported as such.
+    # points are reported as such. R values are multiples of both E=5 and E=10 (the rule puts
+    # R on the stair grid; R=256 or 2048 would be refused at every length).
     "sweep": {
         "tasks": ["passkey", "niah_multikey"],
         "methods": [
-            "mesa:E=2", "mesa:E=3", "mesa:E=4", "mesa:E=5", "mesa:E=6", "mesa:E=8",
+            "mesa:E=3", "mesa:E=4", "mesa:E=5", "mesa:E=6", "mesa:E=8",
             "mesa:E=10", "mesa:E=12", "mesa:E=16",
-            "mesa:E=5,R=256", "mesa:E=5,R=2048", "mesa:E=10,R=256", "mesa:E=10,R=2048",
+            "mesa:E=5,R=260", "mesa:E=5,R=2050", "mesa:E=10,R=260", "mesa:E=10,R=2050",
             "mesa:E=5,log_n=false", "mesa:E=10,log_n=false",
             "mesa:E=5,C=4096", "mesa:E=10,C=4096",
         ],
