@@ -30,7 +30,7 @@ ENV_PREFIX = "MESA_"
 # Default shape, as fractions of T: a sink and middle chunks well inside T, and an exact
 # window of T/8 (the paper's final chunk of ~512 at T = 4k). Checked on SmolLM2
 # (benchmarks/results/long_context): passkey 20/20 at 16k, perplexity at 32k within 2% of 4k,
-# and a coarser stair (E=8 at 32k) no better; the full E/R/log_n sweep
+# and neither a coarser stair (E=8) nor log_n off better at 32k; the full E/R/log_n sweep
 # (`mesa-vllm eval --preset sweep`) has not been run.
 DEFAULT_R_FRACTION = 1 / 8
 DEFAULT_F_FRACTION = 1 / 64
