@@ -355,11 +355,13 @@ def test_endpoint_run_resume_and_report(tmp_path, fake_server, smollm2_dir, monk
                 [1024, 2048], {"*": 3, "ppl": 2})
     options = RunOptions(out_dir=tmp_path, model=str(smollm2_dir), progress=False,
                          endpoint={"url": fake_server, "label": "served", "concurrency": 3},
-                         log=lambda *_: None)
+                         engine_kwargs={"max_num_seqs": 4}, log=lambda *_: None)
     runner = Runner(grid, options)
     assert "served" in format_plan(runner.plan, grid)
     stats = runner.run()
     assert stats["samples"] == 2 * (3 + 3 + 2) and stats["stopped"] is None
+    header = read_rows(tmp_path / "runs.jsonl")[0]  # what made the rows is on record
+    assert header["engine_args"] == {"max_num_seqs": 4} and header["endpoint"]["label"] == "served"
     rows = read_rows(tmp_path / "results.jsonl")
     assert len(rows) == 16 and all(r["backend"] == "endpoint" for r in rows)
     assert all(r["model"] == "fake-model" for r in rows)

@@ -342,6 +342,7 @@ class Runner:
             "run_id": self.run_id, "time": _now(), "grid": self.grid.as_dict(),
             "model": self.model, "trained_len": self.facts.trained_len,
             "endpoint": {k: v for k, v in (options.endpoint or {}).items() if k != "api_key"},
+            "engine_args": options.engine_kwargs,  # --engine-arg: part of what made the rows
             "engines": {g.methods[0].label + "@" + str(g.length): g.config.info
                         for g in plan.groups},
             "planned": [[c.task, c.method.label, c.length, c.planned] for c in plan.cells],
