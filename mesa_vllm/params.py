@@ -1,12 +1,12 @@
 """Mesa parameters: defaults from ``T`` and ``max_model_len``, user overrides, validation.
 
-Users override any of ``F, C, R, E, log_n`` through vLLM's ``additional_config``::
+Users override any of ``F, C, R, E, log_n, stair`` through vLLM's ``additional_config``::
 
     vllm serve MODEL --attention-backend mesa --additional-config '{"mesa": {"E": 8}}'
     LLM(model, attention_backend="mesa", additional_config={"mesa": {"E": 8}})
 
 or through environment variables ``MESA_F``, ``MESA_C``, ``MESA_R``, ``MESA_E``,
-``MESA_LOG_N`` (read in the process that builds the engine config). ``additional_config``
+``MESA_LOG_N``, ``MESA_STAIR`` (read in the process that builds the engine config). ``additional_config``
 wins over the environment. A setting that breaks the rule's limits is refused with a
 message that names the limit and a value that works.
 """
@@ -19,9 +19,9 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from mesa_vllm.rule import MesaGeometry
+from mesa_vllm.rule import STAIR_SHAPES, STAIR_STEP, MesaGeometry
 
-PARAM_NAMES = ("F", "C", "R", "E", "log_n")
+PARAM_NAMES = ("F", "C", "R", "E", "log_n", "stair")
 # Hugging Face config attribute (JSON) through which every engine process gets the
 # resolved parameters; set by mesa_vllm.engine.
 GEOMETRY_CONFIG_KEY = "mesa_geometry"
@@ -68,6 +68,16 @@ def _parse_int(name: str, value: Any) -> int:
     return number
 
 
+def _parse_stair(value: Any) -> str:
+    text = str(value).strip().lower()
+    if text not in STAIR_SHAPES:
+        raise MesaConfigError(
+            f"mesa parameter stair={value!r} is not a stair shape; use one of "
+            f"{', '.join(STAIR_SHAPES)} ({STAIR_STEP} is the spec's stair)."
+        )
+    return text
+
+
 def read_overrides(
     explicit: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
 ) -> dict[str, Any]:
@@ -87,7 +97,12 @@ def read_overrides(
         overrides[name] = value
     parsed: dict[str, Any] = {}
     for name, value in overrides.items():
-        parsed[name] = _parse_bool(name, value) if name == "log_n" else _parse_int(name, value)
+        if name == "log_n":
+            parsed[name] = _parse_bool(name, value)
+        elif name == "stair":
+            parsed[name] = _parse_stair(value)
+        else:
+            parsed[name] = _parse_int(name, value)
     return parsed
 
 
@@ -183,8 +198,9 @@ def resolve_geometry(
     F = F_wanted if "F" in given and "E" in given else _round_up(F_wanted, E)
     C = given.get("C", max(1, min(int(T * DEFAULT_C_FRACTION), T - F)))
     log_n = given.get("log_n", True)
+    stair = given.get("stair", STAIR_STEP)
 
-    geometry = MesaGeometry(T=T, F=F, C=C, R=R, E=E, log_n=log_n)
+    geometry = MesaGeometry(T=T, F=F, C=C, R=R, E=E, log_n=log_n, stair=stair)
     validate_geometry(geometry, max_model_len)
     return geometry
 
@@ -242,7 +258,7 @@ def validate_geometry(geom: MesaGeometry, max_model_len: int) -> None:
 def describe(geom: MesaGeometry, max_model_len: int) -> str:
     return (
         f"mesa: T={geom.T} F={geom.F} C={geom.C} R={geom.R} E={geom.E} "
-        f"log_n={geom.log_n} max_model_len={max_model_len} "
+        f"log_n={geom.log_n} stair={geom.stair} max_model_len={max_model_len} "
         f"(stair capacity {geom.max_supported_len})"
     )
 

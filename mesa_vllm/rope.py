@@ -107,3 +107,41 @@ def relative_scores(
     rotary_part = rotary_part * (scale * scale)
     passthrough = qd[:, rotary_dim:] @ kd[:, rotary_dim:].T
     return rotary_part + passthrough
+
+
+def angle_per_position(cos_sin_rows: torch.Tensor) -> torch.Tensor:
+    """Rotation angle per position of each frequency, ``[rotary_dim / 2]`` float64.
+
+    From row 1 of a float32 (or wider) cos/sin table in vLLM's layout (cos half, then sin
+    half, both possibly times a constant magnitude, which ``atan2`` ignores). Every
+    supported RoPE variant turns by a fixed angle below pi per position, so row 1 holds it.
+    """
+    if cos_sin_rows.dtype not in (torch.float32, torch.float64) or cos_sin_rows.shape[0] < 2:
+        raise ValueError("angle_per_position needs rows 0 and 1 of a float32/float64 table")
+    half = cos_sin_rows.shape[-1] // 2
+    row = cos_sin_rows[1].to(torch.float64)
+    return torch.atan2(row[half:], row[:half])
+
+
+def fractional_step_table(
+    cos_sin_table: torch.Tensor, angles: torch.Tensor, step: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """Row ``j`` rotates at position ``j / step``: the linear stair's key rotation.
+
+    Composed from the model's own row at ``j // step`` and a turn by the fraction
+    ``(j % step) / step`` of one position (``Rot(x) Rot(y) = Rot(x + y)``), so at whole
+    positions (``j % step == 0``) it is the model's table exactly, and the fractional turn
+    (under one position) is accurate to float64. Same length and layout as the input.
+    """
+    n, width = cos_sin_table.shape
+    half = width // 2
+    j = torch.arange(n, device=cos_sin_table.device)
+    whole = cos_sin_table[torch.div(j, step, rounding_mode="floor")].to(torch.float64)
+    fraction = (j % step).to(torch.float64) / step
+    turn = fraction[:, None] * angles.to(device=cos_sin_table.device, dtype=torch.float64)[None, :]
+    cos_t, sin_t = torch.cos(turn), torch.sin(turn)
+    cos_w, sin_w = whole[:, :half], whole[:, half:]
+    table = torch.cat((cos_w * cos_t - sin_w * sin_t, sin_w * cos_t + cos_w * sin_t), dim=-1)
+    exact = fraction == 0  # whole positions: the model's own row, bit for bit
+    table[exact] = whole[exact]
+    return table.to(dtype)

@@ -7,6 +7,10 @@ spec); the names follow it:
 
 - ``T`` trained length, ``F`` first chunk, ``C`` middle chunk width, ``R`` stair window,
   ``E`` stair step, ``log_n`` query scaling for stair tokens.
+- ``stair``: ``"step"`` is the spec's stair (every ``E`` keys before the window share one
+  relative position); ``"linear"`` is an opt-in variant outside the spec that spreads them
+  evenly instead (``r`` falls by ``1/E`` per key, a fractional position), the same
+  interpolation beyond the window as Su's "leaky ReRoPE". Same capacity and validity.
 - ``L`` prompt length, ``p`` query position, ``j`` key position, ``r`` relative position.
 
 Two views of the same rule are offered:
@@ -32,6 +36,10 @@ FIRST = 1  # L > T and p < F
 MIDDLE = 2  # L > T and F <= p < b
 STAIR = 3  # p >= b (final prompt region and generated tokens past T)
 
+STAIR_STEP = "step"  # the spec: r = (p - a + 1) + floor((a - 1 - j) / E) before the window
+STAIR_LINEAR = "linear"  # variant: r = (p - a) + (a - j) / E, equal to the step at j = a - kE
+STAIR_SHAPES = (STAIR_STEP, STAIR_LINEAR)
+
 ROLE_NAMES = {PLAIN: "plain", FIRST: "first", MIDDLE: "middle", STAIR: "stair"}
 
 
@@ -49,6 +57,11 @@ class MesaGeometry:
     R: int
     E: int
     log_n: bool = True
+    stair: str = STAIR_STEP
+
+    def __post_init__(self):
+        if self.stair not in STAIR_SHAPES:
+            raise ValueError(f"stair={self.stair!r}; the stair shapes are {', '.join(STAIR_SHAPES)}.")
 
     # ----------------------------------------------------------------------------------
     # Capacity
@@ -109,14 +122,16 @@ class MesaGeometry:
     def stair_query_position(self, p: int, a: int) -> int:
         """Where a stair query is rotated for keys before its anchor.
 
-        Keys ``j < a`` are stored rotated at ``j // E`` (:meth:`stair_key_position`); then
-        ``r = (p - a + a/E) - j // E``, which is the spec's stair distance because ``a`` is
-        a multiple of ``E``.
+        Keys ``j < a`` are stored rotated at :meth:`stair_key_position`; then
+        ``r = (p - a + a/E) - stair_key_position(j)``. For the step that is the spec's stair
+        distance because ``a`` is a multiple of ``E``; for the linear stair it is
+        ``(p - a) + (a - j) / E``. Both shapes share this (integer) query position.
         """
         return p - a + a // self.E
 
-    def stair_key_position(self, j: int) -> int:
-        return j // self.E
+    def stair_key_position(self, j: int) -> int | float:
+        """Rotation of key ``j`` in the stair plane: ``j // E`` (step) or ``j / E`` (linear)."""
+        return j / self.E if self.stair == STAIR_LINEAR else j // self.E
 
     def query_scale(self, p: int) -> float:
         """``log_n`` factor of a stair query (1.0 when off or inside ``T``)."""
@@ -162,7 +177,8 @@ def relative_positions(
     """Relative position ``r`` and visibility of every (query, key) pair.
 
     Returns ``(rel, visible)``, both ``[num_queries, num_keys]``; ``rel`` is only
-    meaningful where ``visible``. A direct, pair-by-pair transcription of the spec.
+    meaningful where ``visible``. A direct, pair-by-pair transcription of the spec; ``rel``
+    is integer, or float64 for the linear stair (fractional distances before the window).
     """
     p = query_positions.long().view(-1, 1)
     j = key_positions.long().view(1, -1)
@@ -188,9 +204,13 @@ def relative_positions(
 
     # STAIR: every key; exact inside the window [a, p], stair before it.
     a = b + R * torch.div(p - b, R, rounding_mode="floor")
-    stair_rel = torch.where(
-        j >= a, plain_rel, (p - a + 1) + torch.div(a - 1 - j, E, rounding_mode="floor")
-    )
+    if geom.stair == STAIR_LINEAR:
+        stair_rel = torch.where(j >= a, plain_rel.double(), (p - a) + (a - j).double() / E)
+        plain_rel, middle_rel = plain_rel.double(), middle_rel.double()
+    else:
+        stair_rel = torch.where(
+            j >= a, plain_rel, (p - a + 1) + torch.div(a - 1 - j, E, rounding_mode="floor")
+        )
 
     rel = torch.where(is_stair_query, stair_rel, torch.where(is_middle, middle_rel, plain_rel))
     visible = torch.where(

@@ -100,7 +100,8 @@ def test_parse_method():
     assert m.param_dict == {"E": 4, "R": 512, "log_n": False} and m.is_variant
     assert parse_method("yarn:factor=4").param_dict == {"factor": 4}
     assert not parse_method("origin").is_variant
-    for bad in ("rope", "mesa:X=1", "origin:factor=2", "yarn:factor"):
+    assert parse_method("mesa:stair=Linear").param_dict == {"stair": "linear"}
+    for bad in ("rope", "mesa:X=1", "origin:factor=2", "yarn:factor", "mesa:stair=ramp", "mesa:E=x"):
         with pytest.raises(MethodError):
             parse_method(bad)
 

@@ -158,3 +158,27 @@ def test_rotation_op_pairing_and_partial_dims(is_neox, rotary_dim):
     want = rope.rotate(x, positions, inv_freq, is_neox=is_neox)
     assert torch.allclose(got, want, atol=1e-5)
     assert torch.equal(got[..., rotary_dim:], x[..., rotary_dim:])
+
+
+@pytest.mark.parametrize("kind", ["default", "llama3", "linear", "yarn", "qwen2", "phi3_partial"])
+@pytest.mark.parametrize("step", [3, 8])
+def test_linear_stair_table_is_the_rotation_at_fractional_positions(tmp_path, kind, step):
+    """Row ``j`` of the linear stair's key table is the model's rotation at ``j / E``, as
+    Hugging Face's rotary module computes it for fractional position ids."""
+    from mesa_vllm.models.base import vllm_rotary_handover
+
+    stock_config, mesa_config = _vllm_configs(tmp_path, kind)
+    handed = vllm_rotary_handover(_vllm_rotary(mesa_config), MAX_MODEL_LEN)
+    table = handed.fractional_table(step, torch.float32)
+    assert table.shape == handed.cos_sin_cache.shape
+    whole = torch.arange(0, table.shape[0], step)
+    assert torch.equal(table[whole], handed.cos_sin_cache[whole // step])  # bit for bit
+    hf_rotary = _hf_rotary(stock_config)
+    positions = torch.arange(MAX_MODEL_LEN).double() / step
+    probe = torch.zeros(1, 1, 1)
+    with torch.no_grad():
+        cos, sin = hf_rotary(probe, positions[None].float())
+    half = table.shape[1] // 2
+    want = torch.cat([cos[0, :, :half], sin[0, :, :half]], -1)
+    assert float((table[:MAX_MODEL_LEN] - want).abs().max()) < HF_ATOL
+    assert handed.fractional_table(step, torch.float32) is table  # built once, shared

@@ -534,3 +534,61 @@ def test_suggestion_chains_converge_for_random_bad_settings():
         else:
             pytest.fail(f"suggestions did not converge: T={T} mml={mml} {overrides}")
     assert refused > 50
+
+
+# --------------------------------------------------------------------------------------
+# The linear stair (opt-in variant outside the spec)
+def spec_r_linear(g: MesaGeometry, L: int, p: int, j: int) -> float | None:
+    """As :func:`spec_r`, but keys before a stair token's window fall by 1/E each."""
+    r = spec_r(g, L, p, j)
+    if r is None or spec_role(g, L, p) != STAIR:
+        return r
+    a = spec_anchor(g, L, p)
+    return r if j >= a else (p - a) + (a - j) / g.E
+
+
+def test_linear_stair_worked_example():
+    g = MesaGeometry(T=8, F=2, C=4, R=4, E=2, stair="linear")
+    rel, _ = rule.relative_positions(g, 10, torch.tensor([9]), torch.arange(10))
+    # Step: 6 6 5 5 4 4 | 3 2 1 0; linear meets it at j = a - kE and halves the steps between.
+    assert rel[0].tolist() == [6, 5.5, 5, 4.5, 4, 3.5, 3, 2, 1, 0]
+    qpos = g.stair_query_position(9, 6)
+    assert [qpos - g.stair_key_position(j) for j in range(6)] == [6, 5.5, 5, 4.5, 4, 3.5]
+
+
+def test_linear_stair_matches_spec_variant_pair_by_pair():
+    rng = random.Random(31)
+    for _ in range(25):
+        step = random_geometry(rng, T_max=48)
+        g = MesaGeometry(**{**step.as_dict(), "stair": "linear"})
+        for L in interesting_lengths(g, rng, n=2):
+            n = min(g.max_supported_len, L + 2 * g.R)
+            _, rel, visible = dense(g, L, n)
+            _, rel_step, visible_step = dense(step, L, n)
+            assert torch.equal(visible, visible_step)
+            for p in range(n):
+                for j in range(p + 1):
+                    want = spec_r_linear(g, L, p, j)
+                    if want is None:
+                        assert not visible[p, j]
+                        continue
+                    got = float(rel[p, j])
+                    assert abs(got - want) < 1e-9, (g, L, p, j, got, want)
+                    # never further than the step's distance, and below T
+                    assert got <= float(rel_step[p, j]) and got < g.T
+            # distinct distances for distinct keys of a stair query (the point of the shape)
+            p = n - 1
+            if g.role(p, L) == STAIR and g.E > 1:
+                row = rel[p, : p + 1]
+                assert torch.unique(row).numel() == p + 1
+
+
+def test_stair_shape_parsed_and_refused():
+    g = resolve_geometry(64, 256, {"stair": "LINEAR"})
+    assert g.stair == "linear" and g.max_supported_len == resolve_geometry(64, 256).max_supported_len
+    assert resolve_geometry(64, 256).stair == "step"
+    assert params.read_overrides({}, environ={"MESA_STAIR": "linear"}) == {"stair": "linear"}
+    with pytest.raises(MesaConfigError, match="stair='ramp' is not a stair shape; use one of step, linear"):
+        resolve_geometry(64, 256, {"stair": "ramp"})
+    with pytest.raises(ValueError, match="stair shapes"):
+        MesaGeometry(T=64, F=8, C=16, R=16, E=8, stair="ramp")

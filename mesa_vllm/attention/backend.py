@@ -2,7 +2,7 @@
 
 - K/V live in vLLM's paged blocks, three planes per KV head (``kv_layout``): keys at
   their true rotation (read by vLLM's own CPU kernel), values, and keys at the stair
-  rotation ``j // E``. Middle chunks read the first chunk's blocks in place; nothing is
+  rotation ``j // E`` (``j / E`` for the linear stair). Middle chunks read the first chunk's blocks in place; nothing is
   copied between blocks.
 - The model hands over *unrotated* q and k (``mesa_vllm.models``); this backend rotates
   keys once when it writes them and rotates queries per pass.
@@ -25,7 +25,7 @@ from mesa_vllm.attention.kv_layout import (
     K_TRUE, NUM_PLANES, VALUE, MesaKVPlanes, check_key_layout)
 from mesa_vllm.attention.plan import StepPlan, build_plan
 from mesa_vllm.params import geometry_from_hf_config
-from mesa_vllm.rule import MesaGeometry
+from mesa_vllm.rule import STAIR_LINEAR, MesaGeometry
 from vllm.config import VllmConfig, get_current_vllm_config, get_layers_from_vllm_config
 from vllm.logger import init_logger
 from vllm.model_executor.layers.attention import Attention
@@ -118,7 +118,7 @@ class MesaMetadata:
     slot_mapping: torch.Tensor
     # token-linear rows (kv_layout's row views) of the new tokens' slots, for every layer
     write_rows: torch.Tensor
-    key_positions: torch.Tensor  # [2n]: true positions, then stair positions (j // E)
+    key_positions: torch.Tensor  # [2n]: true positions, then stair-table rows (builder.stair_key_rows)
     plain_call: PlainCall | None
     cpu_kernels: bool  # K_true in vLLM's CPU layout, plain rows through its kernel
     decode_rows: torch.Tensor | None  # token-linear rows of the decode stair keys
@@ -158,6 +158,13 @@ class MesaMetadataBuilder(AttentionMetadataBuilder[MesaMetadata]):
             and os.environ.get("MESA_PAGED_DECODE", "1") != "0"
             and mesa_ops.paged_decode_supported(self.dtype, torch.device(device))
         )
+
+    def stair_key_rows(self, positions: torch.Tensor) -> torch.Tensor:
+        """Rows of the stair-key rotation table for keys at ``positions``: the model's own
+        table at ``j // E`` (step), or the fractional table, whose row ``j`` is ``j / E``."""
+        if self.geometry.stair == STAIR_LINEAR:
+            return positions
+        return positions // self.geometry.E
 
     def build(
         self,
@@ -236,7 +243,7 @@ class MesaMetadataBuilder(AttentionMetadataBuilder[MesaMetadata]):
             slot_mapping=slots,
             write_rows=(slots_long // self.block_size) * tokens_per_page
             + slots_long % self.block_size,
-            key_positions=torch.cat([plan.positions, plan.positions // self.geometry.E]),
+            key_positions=torch.cat([plan.positions, self.stair_key_rows(plan.positions)]),
             plain_call=plain_call,
             cpu_kernels=self.cpu_kernels,
             decode_rows=decode_rows,
@@ -283,7 +290,7 @@ class MesaAttentionImpl(AttentionImpl):
         self.kv_sharing_target_layer_name = None
         self.attn_type = attn_type
         self.geometry = geometry_from_config(get_current_vllm_config())
-        self._tables: dict[torch.dtype, torch.Tensor] = {}
+        self._tables: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self._planes: MesaKVPlanes | None = None  # views of this layer's cache, made once
 
     def _planes_of(self, kv_cache: torch.Tensor, cpu_kernels: bool) -> MesaKVPlanes:
@@ -302,11 +309,14 @@ class MesaAttentionImpl(AttentionImpl):
                 f"{type(layer).__name__} has no rotary embedding handed over by a Mesa "
                 "model class; the MESA backend only runs models registered by mesa-vllm."
             )
-        table = self._tables.get(dtype)
-        if table is None:
-            table = rotary.cos_sin_cache.to(dtype)
-            self._tables[dtype] = table
-        return table, rotary.is_neox_style
+        tables = self._tables.get(dtype)
+        if tables is None:
+            # The linear stair rotates stair keys at fractional positions j / E.
+            stair_table = (rotary.fractional_table(self.geometry.E, dtype)
+                           if self.geometry.stair == STAIR_LINEAR else None)
+            tables = (rotary.cos_sin_cache.to(dtype), stair_table)
+            self._tables[dtype] = tables
+        return tables[0], tables[1], rotary.is_neox_style
 
     def forward(
         self,
@@ -327,7 +337,7 @@ class MesaAttentionImpl(AttentionImpl):
         md = attn_metadata
         plan = md.plan
         n = md.num_actual_tokens
-        table, is_neox = self._rotation(layer, query.dtype)
+        table, stair_table, is_neox = self._rotation(layer, query.dtype)
         planes = self._planes_of(kv_cache, md.cpu_kernels)
         hs = self.head_size
 
@@ -337,10 +347,14 @@ class MesaAttentionImpl(AttentionImpl):
         def rotate_in_place(x: torch.Tensor, positions: torch.Tensor) -> None:
             mesa_ops.rotate_in_place(x, positions, table, hs, is_neox)
 
-        # 1. Store the new keys at both rotations (one rotation call, in place on the fresh
-        # copy `repeat` makes), and the values.
+        # 1. Store the new keys at both rotations (in place on the fresh copy `repeat`
+        # makes; one call when both come from the model's table), and the values.
         new_keys = key[:n].repeat(2, 1, 1)
-        rotate_in_place(new_keys, md.key_positions)
+        if stair_table is None:
+            rotate_in_place(new_keys, md.key_positions)
+        else:
+            rotate_in_place(new_keys[:n], md.key_positions[:n])
+            mesa_ops.rotate_in_place(new_keys[n:], md.key_positions[n:], stair_table, hs, is_neox)
         planes.write(new_keys[:n], new_keys[n:], value[:n], md.slot_mapping, layer.isa,  # type: ignore[attr-defined]
                      rows=md.write_rows)
 

@@ -8,7 +8,8 @@ Each cache block holds three planes per KV head, as separate head slots of the p
   ``[D, block_size]``), so it serves plain causal attention unchanged; in portable mode
   (other devices, or ``MESA_KERNELS=portable``) they are row-major like the other planes.
 - ``VALUE`` (slots ``[H, 2H)``): values, row-major ``[block_size, D]``.
-- ``K_STAIR`` (slots ``[2H, 3H)``): keys rotated at ``j // E``, row-major. Stair queries
+- ``K_STAIR`` (slots ``[2H, 3H)``): keys rotated at ``j // E`` (``j / E`` for the linear
+  stair), row-major. Stair queries
   of every anchor read this plane as it is: the stair is rotated once, at write time.
 
 Every plane depends only on the token's own KV, never on the prompt length, so blocks

@@ -206,7 +206,7 @@ def build_plan(
                     TorchRun(
                         row(lo), row(end),
                         passes=[
-                            Pass(p - a + a // geom.E, K_STAIR, _key_range(block_row, 0, a, block_size), 0),
+                            Pass(geom.stair_query_position(p, a), K_STAIR, _key_range(block_row, 0, a, block_size), 0),
                             Pass(p, K_TRUE, _key_range(block_row, a, end, block_size), end - lo),
                         ],
                         scales=_scales(geom, p),
@@ -237,7 +237,7 @@ def build_plan(
         window_index = torch.minimum(window_index, (window_offsets + window_lengths - 1)[:, None])
         decode = StairDecode(
             rows=torch.tensor([e[1] for e in decode_entries], dtype=torch.int64),
-            stair_positions=p - a + a // geom.E,
+            stair_positions=geom.stair_query_position(p, a),
             true_positions=p,
             scales=_scales(geom, p),
             stair_block_ids=stair_blocks,

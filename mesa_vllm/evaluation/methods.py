@@ -17,7 +17,7 @@ A method is written ``KIND`` or ``KIND:key=value,key=value``:
   ``ntk:factor=F`` fixes the factor.
 - ``mesa``: ``attention_backend="mesa"`` with ``max_model_len = L``, so the default parameters are
   the ones a user serving length ``L`` gets. ``mesa:E=4,R=512,log_n=false`` overrides any of
-  ``F, C, R, E, log_n`` (``additional_config={"mesa": {...}}``). A setting that cannot serve
+  ``F, C, R, E, log_n, stair`` (``additional_config={"mesa": {...}}``). A setting that cannot serve
   ``L`` (the stair capacity ``E * (T - 1 - R)``) makes that cell infeasible; it is skipped and
   reported, not run.
 
@@ -37,7 +37,7 @@ _PARAMS = {
     "origin": set(),
     "yarn": {"factor", "beta_fast", "beta_slow"},
     "ntk": {"factor"},
-    "mesa": {"F", "C", "R", "E", "log_n"},
+    "mesa": {"F", "C", "R", "E", "log_n", "stair"},
 }
 
 
@@ -61,8 +61,14 @@ class Method:
         return bool(self.params)
 
 
-def _parse_value(text: str) -> Any:
+def _parse_value(text: str, key: str = "") -> Any:
     low = text.strip().lower()
+    if key == "stair":  # a word: the stair shape
+        from mesa_vllm.rule import STAIR_SHAPES
+
+        if low not in STAIR_SHAPES:
+            raise MethodError(f"stair={text.strip()!r}: the stair shapes are {', '.join(STAIR_SHAPES)}")
+        return low
     if low in ("true", "yes", "on"):
         return True
     if low in ("false", "no", "off"):
@@ -94,7 +100,7 @@ def parse_method(text: str) -> Method:
             if not eq or key not in _PARAMS[kind]:
                 allowed = ", ".join(sorted(_PARAMS[kind])) or "none"
                 raise MethodError(f"bad parameter {item!r} for {kind}; parameters: {allowed}")
-            params.append((key, _parse_value(value)))
+            params.append((key, _parse_value(value, key)))
     label = kind + (":" + ",".join(f"{k}={_fmt(v)}" for k, v in params) if params else "")
     return Method(label, kind, tuple(params))
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mesa_vllm.rope import NoRotation
+from mesa_vllm.rope import NoRotation, angle_per_position, fractional_step_table
 from vllm.config import VllmConfig
 from vllm.model_executor.layers.attention import Attention
 
@@ -50,12 +50,27 @@ class DeferredRotary(nn.Module):
 class RotaryTable(nn.Module):
     """What the MESA backend reads from ``layer.mesa_rotary``: the model's rotation table."""
 
-    def __init__(self, cos_sin_cache: torch.Tensor, is_neox_style: bool, source: str):
+    def __init__(self, cos_sin_cache: torch.Tensor, is_neox_style: bool, source: str,
+                 angles: torch.Tensor | None = None):
         super().__init__()
         self.register_buffer("cos_sin_cache", cos_sin_cache, persistent=False)
         self.is_neox_style = bool(is_neox_style)
         self.rotary_dim = int(cos_sin_cache.shape[-1])
         self.source = source
+        # Angle per position of each frequency (float64), for rotations at fractional
+        # positions (the linear stair); taken from a float32 table, not the model-dtype one.
+        self.angles = angles
+        self._fractional: dict[tuple[int, torch.dtype], torch.Tensor] = {}
+
+    def fractional_table(self, step: int, dtype: torch.dtype) -> torch.Tensor:
+        """Row ``j`` at position ``j / step`` (built once, shared by every layer)."""
+        table = self._fractional.get((step, dtype))
+        if table is None:
+            if self.angles is None:
+                raise RuntimeError(f"{self.source}: no rotation angles for fractional positions.")
+            table = fractional_step_table(self.cos_sin_cache, self.angles, step, dtype)
+            self._fractional[(step, dtype)] = table
+        return table
 
     def extra_repr(self) -> str:
         return (f"positions={self.cos_sin_cache.shape[0]}, rotary_dim={self.rotary_dim}, "
@@ -135,6 +150,15 @@ def vllm_rotary_table(rotary: nn.Module, length: int) -> torch.Tensor:
             "existing positions; refusing to rotate with a table that is not the model's own."
         )
     return table
+
+
+def vllm_rotary_handover(rotary: nn.Module, max_len: int) -> RotaryTable:
+    """The :class:`RotaryTable` the backend gets for a vLLM rotary embedding. Its angles
+    come from the float32 table vLLM computes before casting to the model's dtype."""
+    return RotaryTable(
+        vllm_rotary_table(rotary, max_len), rotary.is_neox_style, type(rotary).__name__,
+        angles=angle_per_position(rotary._compute_cos_sin_cache()[:2].float()),
+    )
 
 
 def hf_rotary_table(rotary: nn.Module, length: int) -> tuple[torch.Tensor, int]:
@@ -217,9 +241,7 @@ def _hand_vllm_rotary(model: nn.Module, max_len: int) -> dict[str, RotaryTable]:
         try:
             table = tables.get(id(rotary))
             if table is None:
-                table = RotaryTable(
-                    vllm_rotary_table(rotary, max_len), rotary.is_neox_style, type(rotary).__name__
-                )
+                table = vllm_rotary_handover(rotary, max_len)
                 tables[id(rotary)] = table
         except (NotImplementedError, RuntimeError) as err:
             raise type(err)(f"{name}: {err}") from None
@@ -241,7 +263,7 @@ def _hand_hf_rotary(model: nn.Module, max_len: int) -> dict[str, RotaryTable]:
         )
     name, rotary = rotaries[0]
     cache, rotary_dim = hf_rotary_table(rotary, max_len)
-    table = RotaryTable(cache, True, type(rotary).__name__)
+    table = RotaryTable(cache, True, type(rotary).__name__, angles=angle_per_position(cache[:2]))
     parent_name, _, attr = name.rpartition(".")
     setattr(model.get_submodule(parent_name), attr, NoRotation(rotary_dim))
     handed: dict[str, RotaryTable] = {}
