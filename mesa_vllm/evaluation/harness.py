@@ -456,6 +456,7 @@ class Runner:
             chunk_tokens = options.batch_tokens
             if options.endpoint:
                 chunk_tokens = max(1, int(options.endpoint.get("concurrency", 4))) * group.length
+            cell_scores: list[float] = []  # this run's scores in this cell, for the bar
             for chunk in _chunks(samples, chunk_tokens):
                 est = per * len(chunk)
                 if deadline and time.monotonic() + self._scaled(est, ratio) > deadline:
@@ -481,10 +482,12 @@ class Runner:
                 stats["samples"] += len(chunk)
                 stats["rows"] += len(rows)
                 if bar is not None:
-                    scores = [r["score"] for r in rows if r.get("score") is not None]
+                    # Running mean of the cell so far, not of the last batch alone.
+                    cell_scores += [r["score"] for r in rows if r.get("score") is not None]
                     bar.set_postfix_str(
                         f"{stats['samples']}/{todo} samples, {task}@{format_length(group.length)}"
-                        + (f" acc {sum(scores) / len(scores):.2f}" if scores else ""))
+                        + (f" acc {sum(cell_scores) / len(cell_scores):.2f}"
+                           if cell_scores else ""))
                     bar.update(min(est, bar.total - bar.n))
         return None
 
