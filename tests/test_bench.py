@@ -45,6 +45,19 @@ def test_parsers():
         parse_reps_at("64k")
 
 
+def test_mesa_overrides_parsed_or_refused_without_traceback():
+    from mesa_vllm.bench.cli import _parse_mesa
+
+    assert _parse_mesa("R=2048, E=6,log_n=false,stair=linear") == {
+        "R": 2048, "E": 6, "log_n": False, "stair": "linear"}
+    assert _parse_mesa("") == {}
+    for bad, named in (('{"R": 3074}', "unknown mesa parameter"), ("R=big", "R")):
+        with pytest.raises(SystemExit) as refused:
+            _parse_mesa(bad)
+        message = str(refused.value)
+        assert named in message and "NAME=VALUE" in message
+
+
 def test_config_derived_values():
     config = BenchConfig(lengths=(8192, 65536), decode_tokens=64, max_num_batched_tokens=8192,
                          oracle_lengths=(512,))

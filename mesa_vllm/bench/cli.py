@@ -102,9 +102,13 @@ def _parse_mesa(text: str) -> dict:
             key, _, value = part.partition("=")
             out[key.strip()] = value.strip()
     if out:
-        from mesa_vllm.params import read_overrides
+        from mesa_vllm.params import MesaConfigError, read_overrides
 
-        out = read_overrides(out, environ={})
+        try:
+            out = read_overrides(out, environ={})
+        except MesaConfigError as exc:  # a usage error, not a crash: no traceback
+            raise SystemExit(f"error: --mesa {text!r}: {exc} Write it as NAME=VALUE,... "
+                             "e.g. --mesa R=2048,E=6") from None
     return out
 
 
