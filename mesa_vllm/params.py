@@ -30,8 +30,10 @@ ENV_PREFIX = "MESA_"
 # Default shape, as fractions of T: a sink and middle chunks well inside T, and an exact
 # window of T/8 (the paper's final chunk of ~512 at T = 4k). Checked on SmolLM2
 # (benchmarks/results/long_context): passkey 20/20 at 16k, perplexity at 32k within 2% of 4k,
-# and neither a coarser stair (E=8) nor log_n off better at 32k; the full E/R/log_n sweep
-# (`mesa-vllm eval --preset sweep`) has not been run.
+# and neither a coarser stair (E=8), log_n off nor the linear stair better at 32k. A wider
+# window is: R = 3T/8 gives passkey 0.70 at 32k and 0.60 at 64k against 0.45 and 0.40, for
+# ~40% more prefill at 32k, and R = T/2 gives 0.95 at 32k; a candidate default once measured
+# at 16k and 64k (README, "A wider exact window helps"). The full sweep has not been run.
 DEFAULT_R_FRACTION = 1 / 8
 DEFAULT_F_FRACTION = 1 / 64
 DEFAULT_C_FRACTION = 1 / 4
