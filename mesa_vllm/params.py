@@ -70,7 +70,7 @@ def _parse_int(name: str, value: Any) -> int:
     return number
 
 
-def _parse_stair(value: Any) -> str:
+def parse_stair(value: Any) -> str:
     text = str(value).strip().lower()
     if text not in STAIR_SHAPES:
         raise MesaConfigError(
@@ -102,7 +102,7 @@ def read_overrides(
         if name == "log_n":
             parsed[name] = _parse_bool(name, value)
         elif name == "stair":
-            parsed[name] = _parse_stair(value)
+            parsed[name] = parse_stair(value)
         else:
             parsed[name] = _parse_int(name, value)
     return parsed

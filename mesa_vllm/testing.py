@@ -9,6 +9,16 @@ import torch
 
 TINY_VOCAB = 256
 
+# The tiny-Llama exactness setup shared by the engine-vs-oracle tests: T = 64 with chunks,
+# window and stair step that put every role in play below 8T + 3T, which the stair covers
+# (capacity 16 * (64 - 1 - 16) = 752).
+TINY_T = 64
+TINY_MESA = {"F": 16, "C": 24, "R": 16, "E": 16}
+TINY_MAX_LEN = 11 * TINY_T + 32
+# fp32 end to end; the oracle rotates in float64 per pair, vLLM in fp32 at absolute
+# positions, so small differences remain.
+ORACLE_LOGPROB_ATOL = 2e-3
+
 
 def make_tiny_model(
     path: str | Path,

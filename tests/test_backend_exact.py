@@ -13,6 +13,10 @@ import pytest
 from mesa_vllm.oracle import MesaOracle
 from mesa_vllm.rule import MesaGeometry
 from mesa_vllm.testing import (
+    ORACLE_LOGPROB_ATOL,
+    TINY_MAX_LEN,
+    TINY_MESA,
+    TINY_T,
     assert_greedy_matches_oracle,
     greedy,
     prompt_logprobs,
@@ -23,14 +27,8 @@ from mesa_vllm.testing import (
 
 pytestmark = [pytest.mark.cpu, pytest.mark.e2e]
 
-T = 64
-# Chunks, window and stair step that put every role in play below 8T + 3T.
-MESA = {"F": 16, "C": 24, "R": 16, "E": 16}
+T, MESA, MAX_LEN, LOGPROB_ATOL = TINY_T, TINY_MESA, TINY_MAX_LEN, ORACLE_LOGPROB_ATOL
 GEOMETRY = MesaGeometry(T=T, log_n=True, **MESA)
-MAX_LEN = 11 * T + 32  # 8T prompt + 3T generated fits the stair (capacity 752)
-# fp32 end to end; the oracle rotates in float64 per pair, vLLM in fp32 at absolute
-# positions, so small differences remain.
-LOGPROB_ATOL = 2e-3
 
 PROMPT_LENGTHS = [20, T, T + 1, 100, 3 * T + 7, 333, 8 * T]
 GENERATE_LENGTHS = [40, 130, 8 * T]

@@ -12,6 +12,10 @@ import pytest
 from mesa_vllm.oracle import MesaOracle
 from mesa_vllm.rule import MesaGeometry
 from mesa_vllm.testing import (
+    ORACLE_LOGPROB_ATOL,
+    TINY_MAX_LEN,
+    TINY_MESA,
+    TINY_T,
     assert_greedy_matches_oracle,
     greedy,
     random_prompt,
@@ -21,13 +25,10 @@ from mesa_vllm.testing import (
 
 pytestmark = [pytest.mark.cpu, pytest.mark.e2e]
 
-T = 64
-MESA = {"F": 16, "C": 24, "R": 16, "E": 16}
+T, MESA, MAX_LEN, LOGPROB_ATOL = TINY_T, TINY_MESA, TINY_MAX_LEN, ORACLE_LOGPROB_ATOL
 GEOMETRY = MesaGeometry(T=T, log_n=True, **MESA)
-MAX_LEN = 11 * T + 32
 BLOCK = 32
 NEW = 20
-LOGPROB_ATOL = 2e-3
 
 
 @pytest.fixture(scope="module")

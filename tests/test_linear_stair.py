@@ -12,6 +12,10 @@ import pytest
 from mesa_vllm.oracle import MesaOracle
 from mesa_vllm.rule import MesaGeometry
 from mesa_vllm.testing import (
+    ORACLE_LOGPROB_ATOL,
+    TINY_MAX_LEN,
+    TINY_MESA,
+    TINY_T,
     assert_greedy_matches_oracle,
     greedy,
     prompt_logprobs,
@@ -22,12 +26,9 @@ from mesa_vllm.testing import (
 
 pytestmark = [pytest.mark.cpu, pytest.mark.e2e]
 
-T = 64
-MESA = {"F": 16, "C": 24, "R": 16, "E": 16}
+T, MESA, MAX_LEN, LOGPROB_ATOL = TINY_T, TINY_MESA, TINY_MAX_LEN, ORACLE_LOGPROB_ATOL
 LINEAR = MesaGeometry(T=T, log_n=True, stair="linear", **MESA)
 STEP = MesaGeometry(T=T, log_n=True, **MESA)
-MAX_LEN = 11 * T + 32
-LOGPROB_ATOL = 2e-3  # as in test_backend_exact.py
 PROMPT_LENGTHS = [40, T + 1, 3 * T + 7, 8 * T]
 GENERATE_LENGTHS = [40, 130, 8 * T]
 NEW_TOKENS = 3 * T

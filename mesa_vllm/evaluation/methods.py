@@ -63,12 +63,13 @@ class Method:
 
 def _parse_value(text: str, key: str = "") -> Any:
     low = text.strip().lower()
-    if key == "stair":  # a word: the stair shape
-        from mesa_vllm.rule import STAIR_SHAPES
+    if key == "stair":  # a word: the stair shape, checked by the engine's own parser
+        from mesa_vllm.params import MesaConfigError, parse_stair
 
-        if low not in STAIR_SHAPES:
-            raise MethodError(f"stair={text.strip()!r}: the stair shapes are {', '.join(STAIR_SHAPES)}")
-        return low
+        try:
+            return parse_stair(text)
+        except MesaConfigError as exc:
+            raise MethodError(str(exc)) from None
     if low in ("true", "yes", "on"):
         return True
     if low in ("false", "no", "off"):
