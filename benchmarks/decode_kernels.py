@@ -4,8 +4,8 @@
     python benchmarks/decode_kernels.py --length 65536
 
 Times vLLM's CPU kernel (vec, and amx where the CPU has it), SGLang's paged decode that
-mesa's stair pass runs, and the rest of a mesa decode layer; checks every kernel against
-a float64 reference first. Writes benchmarks/results/decode_kernels_<len>.{md,json}.
+mesa's stair pass runs (vec layout), the rest of a mesa decode layer, and the window turn
+of mesa's one-pass decode (amx layout); checks every kernel against a float64 reference first. Writes benchmarks/results/decode_kernels_<len>.{md,json}.
 """
 
 from __future__ import annotations

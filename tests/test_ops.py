@@ -9,7 +9,8 @@ import torch
 
 from mesa_vllm import rope
 from mesa_vllm.attention import ops
-from mesa_vllm.attention.kv_layout import K_STAIR, K_TRUE, VALUE, MesaKVPlanes, check_key_layout
+from mesa_vllm.attention.kv_layout import (
+    K_STAIR, K_TRUE, LAYOUT_AMX, LAYOUT_ROW, LAYOUT_VEC, VALUE, MesaKVPlanes, check_kv_layout)
 
 pytestmark = [pytest.mark.cpu]
 
@@ -63,20 +64,83 @@ def test_rotation_matches_rope_math():
     assert torch.allclose(ops.rotate_queries(x, positions, table, dim, True), want, atol=1e-5)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+LAYOUT_CASES = [  # (layout, vLLM isa writing K_true and V, dtype)
+    (LAYOUT_VEC, "vec", torch.float32),
+    (LAYOUT_VEC, "vec", torch.bfloat16),
+    (LAYOUT_AMX, "amx", torch.bfloat16),
+    (LAYOUT_ROW, None, torch.float32),
+]
+
+
+def _needs_amx(layout):
+    if layout == LAYOUT_AMX and not torch.cpu._is_amx_tile_supported():
+        pytest.skip("the amx layout is only chosen on CPUs with AMX tiles; this one has none")
+
+
+@pytest.mark.parametrize("layout,isa,dtype", LAYOUT_CASES)
 @pytest.mark.parametrize("block_size", [32, 128])
-def test_kv_planes_round_trip(dtype, block_size):
-    check_key_layout(dtype, block_size, 64, "vec")
-    cache = torch.zeros(6, 3 * 3, block_size, 64, dtype=dtype)
-    planes = MesaKVPlanes(cache, 3)
-    n = block_size + 17
+def test_kv_planes_round_trip(layout, isa, dtype, block_size):
+    """Every layout reads back what was written: vLLM's writer for K_true and V (the
+    layout its kernel reads), mesa's for the stair plane, single keys and whole ranges."""
+    _needs_amx(layout)
+    if isa is not None:
+        check_kv_layout(dtype, block_size, 64, isa, layout)
+    num_blocks = 6
+    cache = torch.zeros(num_blocks, 3 * 3, block_size, 64, dtype=dtype)
+    planes = MesaKVPlanes(cache, 3, layout=layout)
+    n = num_blocks * block_size
     key_true, key_stair, value = (torch.randn(n, 3, 64).to(dtype) for _ in range(3))
-    slots = torch.randperm(6 * block_size)[:n]
-    planes.write(key_true, key_stair, value, slots, "vec")
+    block_order = torch.randperm(num_blocks)
+    slots = (block_order[:, None] * block_size + torch.arange(block_size)).flatten()
+    planes.write(key_true, key_stair, value, slots, isa)
     blocks, offsets = slots // block_size, slots % block_size
-    assert torch.equal(planes.gather(K_TRUE, blocks, offsets), key_true)
-    assert torch.equal(planes.gather(K_STAIR, blocks, offsets), key_stair)
-    assert torch.equal(planes.gather(VALUE, blocks, offsets), value)
+    pick = torch.randperm(n)[: block_size + 17]
+    for plane, want in ((K_TRUE, key_true), (K_STAIR, key_stair), (VALUE, value)):
+        assert torch.equal(planes.gather(plane, blocks[pick], offsets[pick]), want[pick])
+        start, size = block_size // 2 + 3, 2 * block_size + 5  # spans four blocks
+        first, last = start // block_size, (start + size - 1) // block_size
+        got = planes.gather_range(plane, block_order[first : last + 1], start % block_size, size)
+        assert torch.equal(got, want[start : start + size])
+    # scatter overwrites exactly the rows it names
+    fresh = torch.randn(pick.numel(), 3, 64).to(dtype)
+    planes.scatter(K_STAIR, blocks[pick], offsets[pick], fresh)
+    expect = key_stair.clone()
+    expect[pick] = fresh
+    assert torch.equal(planes.gather(K_STAIR, blocks, offsets), expect)
+
+
+@pytest.mark.parametrize("is_neox", [True, False])
+@pytest.mark.parametrize("rotary_dim", [64, 32])
+def test_amx_key_pages_turn_like_token_rotation(is_neox, rotary_dim):
+    """The one-pass decode's turn: whole AMX key pages out, rotated as token rows, back in,
+    and put back after, leaves every key as the token rotation says (shift 0: untouched)."""
+    heads, block, dim, blocks = 3, 32, 64, 4
+    planes = MesaKVPlanes(torch.zeros(blocks, 3 * heads, block, dim, dtype=torch.bfloat16), heads,
+                          layout=LAYOUT_AMX)
+    keys = torch.randn(blocks * block, heads, dim).to(torch.bfloat16)
+    order = torch.tensor([2, 0, 3, 1])
+    slots = (order[:, None] * block + torch.arange(block)).flatten()
+    planes.scatter(K_STAIR, slots // block, slots % block, keys)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, rotary_dim, 2).float() / rotary_dim))
+    angles = torch.outer(torch.arange(4096).float(), inv_freq)
+    table = torch.cat([angles.cos(), angles.sin()], -1).to(torch.bfloat16)
+    shifts = torch.randint(0, 4096, (blocks * block,))
+    shifts[::5] = 0
+    saved = planes.turn_pages(
+        K_STAIR, order, lambda rows: ops.rotate_in_place(rows, shifts, table, dim, is_neox))
+    want = ops.rotate_queries(keys, shifts, table, dim, is_neox)
+    got = planes.gather(K_STAIR, slots // block, slots % block)
+    assert torch.equal(got, want)
+    assert torch.equal(got[::5], keys[::5])
+    planes.put_back(K_STAIR, order, saved)
+    assert torch.equal(planes.gather(K_STAIR, slots // block, slots % block), keys)
+
+
+def test_kv_layout_check_rejects_a_layout_vllm_does_not_write():
+    """The start-up check fails loudly, naming the way out, when the page layout mesa
+    reads is not the one vLLM's writer produced."""
+    with pytest.raises(RuntimeError, match="MESA_KERNELS=portable"):
+        check_kv_layout(torch.float32, 32, 64, "vec", LAYOUT_ROW)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

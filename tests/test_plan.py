@@ -37,6 +37,9 @@ def expand(geom: MesaGeometry, plan, row: int) -> dict[int, int]:
             n = run.row_end - run.row_start
             for ps in run.passes:
                 keys = ((ps.keys.block_ids - 1) * BLOCK + ps.keys.offsets).tolist()
+                # the block-wise description of the range names the same keys
+                covered = ps.keys.blocks.repeat_interleave(BLOCK)[ps.keys.lead : ps.keys.lead + len(keys)]
+                assert torch.equal(covered, ps.keys.block_ids)
                 visible = len(keys) - ps.num_causal + i + 1 if ps.num_causal else len(keys)
                 assert ps.num_causal in (0, n)
                 for j in keys[:visible]:
@@ -52,8 +55,13 @@ def expand(geom: MesaGeometry, plan, row: int) -> dict[int, int]:
             assert key == j
             pairs[j] = int(dec.stair_positions[b]) - j // geom.E
         window = dec.windows[b]
-        for j in ((window.block_ids - 1) * BLOCK + window.offsets).tolist():
+        first = int(dec.window_lengths[:b].sum())
+        for i, j in enumerate(((window.block_ids - 1) * BLOCK + window.offsets).tolist()):
             pairs[j] = p - j
+            # The one-pass decode sees window keys turned by window_shifts from their stair
+            # rotation, from the stair query: the same distance.
+            turned = j // geom.E + int(dec.window_shifts[first + i])
+            assert int(dec.stair_positions[b]) - turned == p - j
     return pairs
 
 
@@ -119,3 +127,27 @@ def test_random_steps(geom, batch_decode, plain_kernel):
             spans.append((q0, q1))
             lengths.append(L)
         check_step(geom, lengths, spans, batch_decode, plain_kernel)
+
+
+def test_one_pass_decode_only_where_no_shared_slot_is_turned_for_another_row():
+    """The one-pass decode turns window keys in place for one call: a cache slot shared by
+    two decode rows (prefix caching) must need the same turn from both and must not be a
+    stair key of either, else the step takes the gathered path."""
+    from mesa_vllm.attention.backend import _one_pass_safe
+
+    geom = GEOMETRIES[0]  # T=64, R=16, E=16; first window of L=130 is [128, 130]
+    own = torch.arange(1, 41, dtype=torch.int32)
+
+    def decode_step(lengths, tables):
+        plan = build_plan(
+            geom, query_start_loc=list(range(len(lengths) + 1)), seq_lens=[n + 1 for n in lengths],
+            prompt_lens=lengths, block_table=torch.stack(tables), block_size=BLOCK, batch_decode=True,
+        )
+        return plan.decode
+
+    # 17 shared prompt blocks hold tokens [0, 136): the short request's window, and stair
+    # keys of a longer request (L=200, anchor 192) on the same prefix.
+    shared_prefix = torch.cat([own[:17], own[17:] + 100])
+    assert _one_pass_safe(decode_step([130, 200], [own, own + 100]), BLOCK)  # nothing shared
+    assert _one_pass_safe(decode_step([130, 130], [own, own]), BLOCK)  # same windows, same turns
+    assert not _one_pass_safe(decode_step([130, 200], [own, shared_prefix]), BLOCK)

@@ -8,8 +8,10 @@
   keys once when it writes them and rotates queries per pass.
 - The builder turns the step into a plan once (``plan.build_plan``); each layer executes
   it: plain rows through vLLM's CPU kernel, middle and stair runs as partial attentions
-  over gathered key ranges merged by log-sum-exp, and single-token stair queries through
-  a paged decode kernel that reads the stair plane in place.
+  over gathered key ranges merged by log-sum-exp, and single-token stair queries (decode)
+  reading the stair plane in place: with the ``amx`` page layout in one pass of vLLM's
+  own kernel (the window's few stair keys turned to window distances for that call),
+  otherwise through a paged decode kernel plus a window pass.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ import torch
 
 from mesa_vllm.attention import ops as mesa_ops
 from mesa_vllm.attention.kv_layout import (
-    K_TRUE, NUM_PLANES, VALUE, MesaKVPlanes, check_key_layout)
-from mesa_vllm.attention.plan import StepPlan, build_plan
+    K_STAIR, K_TRUE, LAYOUT_AMX, LAYOUT_ROW, LAYOUT_VEC, NUM_PLANES, VALUE, MesaKVPlanes,
+    check_kv_layout)
+from mesa_vllm.attention.plan import StairDecode, StepPlan, build_plan
 from mesa_vllm.params import geometry_from_hf_config
 from mesa_vllm.rule import STAIR_LINEAR, MesaGeometry
 from vllm.config import VllmConfig, get_current_vllm_config, get_layers_from_vllm_config
@@ -100,15 +103,43 @@ class MesaAttentionBackend(AttentionBackend):
         return attn_type == AttentionType.DECODER
 
 
+# MESA_KERNELS: which kernels (and so which page layout) the CPU runs.
+KERNEL_MODES = {
+    "auto": "vLLM's AMX kernel where it applies (bf16, AMX CPU, step stair), else 'vec'",
+    "vec": "vLLM's vector kernel for plain rows, the paged decode kernel for stair decode",
+    "portable": "every pass as gathered PyTorch attention (what non-CPU devices run)",
+}
+
+
+def kernel_mode() -> str:
+    mode = os.environ.get("MESA_KERNELS", "auto")
+    if mode not in KERNEL_MODES:
+        raise ValueError(
+            f"MESA_KERNELS={mode!r} is not a mesa kernel mode; use one of: "
+            + "; ".join(f"{name} ({what})" for name, what in KERNEL_MODES.items())
+        )
+    return mode
+
+
 @dataclass
-class PlainCall:
-    """One call of vLLM's CPU kernel over the plain rows (a virtual batch if needed)."""
+class KernelCall:
+    """One call of vLLM's CPU kernel over some of the step's rows (a virtual batch)."""
 
     rows: torch.Tensor | None  # None: the step's rows as they are
     query_start_loc: torch.Tensor
     seq_lens: torch.Tensor
     block_table: torch.Tensor
     scheduler_metadata: torch.Tensor
+
+
+@dataclass
+class WindowTurn:
+    """The one-pass decode's turn of the step's window keys, block-wise: the blocks that
+    hold any window key, and per token of those blocks its extra rotation (0 elsewhere,
+    an exact identity)."""
+
+    blocks: torch.Tensor  # [n] distinct block ids
+    shifts: torch.Tensor  # [n * block_size]
 
 
 @dataclass
@@ -119,8 +150,10 @@ class MesaMetadata:
     # token-linear rows (kv_layout's row views) of the new tokens' slots, for every layer
     write_rows: torch.Tensor
     key_positions: torch.Tensor  # [2n]: true positions, then stair-table rows (builder.stair_key_rows)
-    plain_call: PlainCall | None
-    cpu_kernels: bool  # K_true in vLLM's CPU layout, plain rows through its kernel
+    plain_call: KernelCall | None
+    layout: str  # kv_layout.LAYOUTS; not 'row': plain rows through vLLM's CPU kernel
+    decode_call: KernelCall | None  # amx layout: stair decode rows in one vLLM kernel call
+    window_turn: WindowTurn | None  # with decode_call
     decode_rows: torch.Tensor | None  # token-linear rows of the decode stair keys
     decode_positions: torch.Tensor | None  # [2B]: stair query positions, then true ones
 
@@ -137,26 +170,30 @@ class MesaMetadataBuilder(AttentionMetadataBuilder[MesaMetadata]):
         self.dtype = vllm_config.model_config.dtype
         layers = get_layers_from_vllm_config(vllm_config, Attention, layer_names)
         self.num_heads = next(iter(layers.values())).impl.num_heads
-        # CPU kernels: vLLM's own CPU attention for plain rows and the paged decode kernel.
-        # Portable mode (any other device, or MESA_KERNELS=portable) runs every pass as a
-        # gathered partial attention in PyTorch.
-        self.cpu_kernels = (
-            torch.device(device).type == "cpu"
-            and os.environ.get("MESA_KERNELS", "auto") != "portable"
-        )
+        # CPU kernels (kernel_mode): vLLM's own CPU attention for plain rows, and for
+        # stair decode either its AMX kernel in one pass or the paged decode kernel. Portable
+        # mode (any other device, or MESA_KERNELS=portable) runs every pass as a gathered
+        # partial attention in PyTorch.
+        mode = kernel_mode()
         self.isa = None
-        if self.cpu_kernels:
+        self.layout = LAYOUT_ROW
+        if torch.device(device).type == "cpu" and mode != "portable":
             isa = _get_attn_isa(self.dtype, self.block_size, self.head_size, "auto")
-            # AMX packs keys in a layout mesa does not read; the vector kernel is exact.
-            self.isa = "vec" if isa == "amx" else isa
-            check_key_layout(self.dtype, self.block_size, self.head_size, self.isa)
+            # The one-pass decode turns window keys by whole positions: step stair only.
+            if isa == "amx" and (mode == "vec" or self.geometry.stair == STAIR_LINEAR):
+                isa = "vec"
+            self.isa = isa
+            self.layout = LAYOUT_AMX if isa == "amx" else LAYOUT_VEC
+            check_kv_layout(self.dtype, self.block_size, self.head_size, self.isa, self.layout)
         for layer in layers.values():
             layer.isa = self.isa
+        logger.info_once("MESA kernels: %s page layout (isa %s, %s, MESA_KERNELS=%s)",
+                         self.layout, self.isa, self.dtype, mode)
         # MESA_PAGED_DECODE=0 sends single-token stair queries through the gathered path.
-        self.batch_decode = (
-            self.cpu_kernels
-            and os.environ.get("MESA_PAGED_DECODE", "1") != "0"
-            and mesa_ops.paged_decode_supported(self.dtype, torch.device(device))
+        self.batch_decode = os.environ.get("MESA_PAGED_DECODE", "1") != "0" and (
+            self.layout == LAYOUT_AMX
+            or (self.layout == LAYOUT_VEC
+                and mesa_ops.paged_decode_supported(self.dtype, torch.device(device)))
         )
 
     def stair_key_rows(self, positions: torch.Tensor) -> torch.Tensor:
@@ -172,8 +209,6 @@ class MesaMetadataBuilder(AttentionMetadataBuilder[MesaMetadata]):
         common_attn_metadata: CommonAttentionMetadata,
         fast_build: bool = False,
     ) -> MesaMetadata:
-        from vllm import _custom_ops as ops
-
         cm = common_attn_metadata
         if cm.rswa_prefix_lens is None:
             raise RuntimeError(
@@ -184,16 +219,20 @@ class MesaMetadataBuilder(AttentionMetadataBuilder[MesaMetadata]):
         qsl = cm.query_start_loc_cpu[: num_reqs + 1].tolist()
         seq_lens = cm.seq_lens[:num_reqs].cpu().tolist()
         block_table = cm.block_table_tensor[:num_reqs].cpu()
-        plan = build_plan(
-            self.geometry,
+        plan_args = dict(
             query_start_loc=qsl,
             seq_lens=seq_lens,
             prompt_lens=cm.rswa_prefix_lens[:num_reqs].cpu().tolist(),
             block_table=block_table,
             block_size=self.block_size,
-            batch_decode=self.batch_decode,
-            plain_kernel=self.cpu_kernels,
+            plain_kernel=self.layout != LAYOUT_ROW,
         )
+        plan = build_plan(self.geometry, batch_decode=self.batch_decode, **plan_args)
+        if (plan.decode is not None and self.layout == LAYOUT_AMX
+                and not _one_pass_safe(plan.decode, self.block_size)):
+            # Decode rows share a cached block that one would turn and another needs as
+            # it is: this step takes the gathered path instead.
+            plan = build_plan(self.geometry, batch_decode=False, **plan_args)
         num_tokens = plan.num_tokens
 
         plain_call = None
@@ -213,20 +252,21 @@ class MesaMetadataBuilder(AttentionMetadataBuilder[MesaMetadata]):
                 query_start_loc[1:] = torch.cumsum(lengths, 0)
                 plain_seq_lens = torch.tensor(pr.seq_lens, dtype=torch.int32)
                 plain_table = cm.block_table_tensor[torch.tensor(pr.requests)]
-            scheduler_metadata = ops.cpu_attn_get_scheduler_metadata(
-                num_reqs=int(plain_seq_lens.numel()),
-                num_heads=self.num_heads,
-                num_kv_heads=self.num_kv_heads,
-                head_dim=self.head_size,
-                seq_lens=plain_seq_lens,
-                dtype=self.dtype,
-                query_start_loc=query_start_loc,
-                causal=True,
-                sliding_window_size=-1,
-                isa=self.isa,
-                enable_kv_split=True,
+            plain_call = self._kernel_call(rows, query_start_loc, plain_seq_lens, plain_table)
+
+        decode_call = window_turn = None
+        if plan.decode is not None and self.layout == LAYOUT_AMX:
+            dec = plan.decode
+            decode_call = self._kernel_call(
+                dec.rows,
+                torch.arange(dec.rows.numel() + 1, dtype=torch.int32),
+                (dec.true_positions + 1).to(torch.int32),
+                cm.block_table_tensor[torch.tensor(dec.requests)],
             )
-            plain_call = PlainCall(rows, query_start_loc, plain_seq_lens, plain_table, scheduler_metadata)
+            blocks, index = torch.unique(dec.window_keys.block_ids, return_inverse=True)
+            shifts = torch.zeros(blocks.numel() * self.block_size, dtype=torch.int64)
+            shifts[index * self.block_size + dec.window_keys.offsets] = dec.window_shifts
+            window_turn = WindowTurn(blocks, shifts)
 
         # Token-linear rows (kv_layout's row views): block * tokens_per_page + offset.
         tokens_per_page = NUM_PLANES * self.num_kv_heads * self.block_size
@@ -245,10 +285,60 @@ class MesaMetadataBuilder(AttentionMetadataBuilder[MesaMetadata]):
             + slots_long % self.block_size,
             key_positions=torch.cat([plan.positions, self.stair_key_rows(plan.positions)]),
             plain_call=plain_call,
-            cpu_kernels=self.cpu_kernels,
+            layout=self.layout,
+            decode_call=decode_call,
+            window_turn=window_turn,
             decode_rows=decode_rows,
             decode_positions=decode_positions,
         )
+
+    def _kernel_call(self, rows, query_start_loc, seq_lens, block_table) -> KernelCall:
+        from vllm import _custom_ops as ops
+
+        scheduler_metadata = ops.cpu_attn_get_scheduler_metadata(
+            num_reqs=int(seq_lens.numel()),
+            num_heads=self.num_heads,
+            num_kv_heads=self.num_kv_heads,
+            head_dim=self.head_size,
+            seq_lens=seq_lens,
+            dtype=self.dtype,
+            query_start_loc=query_start_loc,
+            causal=True,
+            sliding_window_size=-1,
+            isa=self.isa,
+            enable_kv_split=True,
+        )
+        return KernelCall(rows, query_start_loc, seq_lens, block_table, scheduler_metadata)
+
+
+def kernel_layouts(worker) -> list[str]:
+    """The page layout of every MESA metadata builder on a worker; run it on an engine's
+    workers with ``LLM.collective_rpc(kernel_layouts)``."""
+    return [
+        group.get_metadata_builder().layout
+        for groups in worker.model_runner.attn_groups
+        for group in groups
+        if isinstance(group.get_metadata_builder(), MesaMetadataBuilder)
+    ]
+
+
+def _one_pass_safe(dec: StairDecode, block_size: int) -> bool:
+    """Whether the one-pass decode may turn the step's window keys in place: blocks shared
+    between requests (prefix caching) must not hold a slot that one row turns while another
+    row turns it differently or reads it as a stair key."""
+    slots = dec.window_keys.block_ids * block_size + dec.window_keys.offsets
+    unique_slots = torch.unique(slots)
+    if unique_slots.numel() != slots.numel():
+        pairs = torch.unique(torch.stack([slots, dec.window_shifts]), dim=1)
+        if pairs.shape[1] != unique_slots.numel():
+            return False
+    # Stair keys of every row: blocks first (cheap), slots only where a block is shared.
+    stair_blocks = dec.stair_block_ids[:, ::block_size]
+    if not bool(torch.isin(dec.window_keys.block_ids, stair_blocks).any()):
+        return True
+    in_stair = torch.arange(dec.stair_block_ids.shape[1])[None, :] < dec.stair_lengths[:, None]
+    stair_slots = (dec.stair_block_ids * block_size + dec.stair_offsets)[in_stair]
+    return not bool(torch.isin(unique_slots, stair_slots).any())
 
 
 class MesaAttentionImpl(AttentionImpl):
@@ -293,12 +383,12 @@ class MesaAttentionImpl(AttentionImpl):
         self._tables: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self._planes: MesaKVPlanes | None = None  # views of this layer's cache, made once
 
-    def _planes_of(self, kv_cache: torch.Tensor, cpu_kernels: bool) -> MesaKVPlanes:
+    def _planes_of(self, kv_cache: torch.Tensor, layout: str) -> MesaKVPlanes:
         planes = self._planes
         if (planes is None or planes.cache.data_ptr() != kv_cache.data_ptr()
                 or planes.cache.shape != kv_cache.shape
-                or planes.cpu_kernel_layout != cpu_kernels):
-            planes = MesaKVPlanes(kv_cache, self.num_kv_heads, cpu_kernel_layout=cpu_kernels)
+                or planes.layout != layout):
+            planes = MesaKVPlanes(kv_cache, self.num_kv_heads, layout=layout)
             self._planes = planes
         return planes
 
@@ -338,7 +428,7 @@ class MesaAttentionImpl(AttentionImpl):
         plan = md.plan
         n = md.num_actual_tokens
         table, stair_table, is_neox = self._rotation(layer, query.dtype)
-        planes = self._planes_of(kv_cache, md.cpu_kernels)
+        planes = self._planes_of(kv_cache, md.layout)
         hs = self.head_size
 
         def rotated(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -364,14 +454,15 @@ class MesaAttentionImpl(AttentionImpl):
             self._plain(planes, q, out, md.plain_call, plan.positions, rotated, rotate_in_place)
         for run in plan.runs:
             self._run(planes, q, out, run, rotated)
-        if plan.decode is not None:
+        if md.decode_call is not None:
+            self._decode_one_pass(planes, q, out, plan.decode, md.decode_call, md.window_turn,
+                                  rotated, rotate_in_place)
+        elif plan.decode is not None:
             self._decode(planes, q, out, plan.decode, md.decode_rows, md.decode_positions, rotated)
         return output
 
-    def _plain(self, planes, q, out, call: PlainCall, positions, rotated, rotate_in_place) -> None:
+    def _plain(self, planes, q, out, call: KernelCall, positions, rotated, rotate_in_place) -> None:
         """Plain rows: vLLM's own CPU kernel over the true-rotation keys."""
-        from vllm import _custom_ops as ops
-
         if call.rows is None and q.stride(-1) == 1 and q.stride(-2) == q.shape[-1]:
             # Every row is plain (prompts within T): rotate the queries in place, as the
             # stock model would have, since no other pass reads them.
@@ -382,11 +473,19 @@ class MesaAttentionImpl(AttentionImpl):
         else:
             plain_q = rotated(q.index_select(0, call.rows), positions.index_select(0, call.rows))
             plain_out = torch.empty_like(plain_q)
+        self._kernel(planes.key_true_pages, planes.value_pages, plain_q, plain_out, call)
+        if call.rows is not None:
+            out.index_copy_(0, call.rows, plain_out)
+
+    def _kernel(self, key_pages, value_pages, q, out, call: KernelCall) -> None:
+        """vLLM's own CPU attention kernel, causal, over ``call``'s paged sequences."""
+        from vllm import _custom_ops as ops
+
         ops.cpu_attention_with_kv_cache(
-            query=plain_q,
-            key_cache=planes.key_true_pages,
-            value_cache=planes.value_pages,
-            output=plain_out,
+            query=q,
+            key_cache=key_pages,
+            value_cache=value_pages,
+            output=out,
             query_start_loc=call.query_start_loc,
             seq_lens=call.seq_lens,
             scale=self.scale,
@@ -398,8 +497,6 @@ class MesaAttentionImpl(AttentionImpl):
             scheduler_metadata=call.scheduler_metadata,
             s_aux=None,
         )
-        if call.rows is not None:
-            out.index_copy_(0, call.rows, plain_out)
 
     def _run(self, planes, q, out, run, rotated) -> None:
         """Middle or stair rows: one partial attention per pass, merged by LSE."""
@@ -411,8 +508,9 @@ class MesaAttentionImpl(AttentionImpl):
         all_q = rotated(run_q.repeat(len(run.passes), 1, 1), run.rot_positions)
         parts: list[mesa_ops.Partial] = []
         for i, p in enumerate(run.passes):
-            keys = planes.gather(p.plane, p.keys.block_ids, p.keys.offsets)
-            values = planes.gather(VALUE, p.keys.block_ids, p.keys.offsets)
+            r = p.keys
+            keys = planes.gather_range(p.plane, r.blocks, r.lead, r.size)
+            values = planes.gather_range(VALUE, r.blocks, r.lead, r.size)
             parts += mesa_ops.attend_causal_tail(
                 all_q[i * rows : (i + 1) * rows], keys, values, self.scale, p.num_causal
             )
@@ -440,3 +538,28 @@ class MesaAttentionImpl(AttentionImpl):
             self.scale,
         )
         out.index_copy_(0, dec.rows, mesa_ops.merge([stair, window], out.dtype))
+
+    def _decode_one_pass(self, planes, q, out, dec, call: KernelCall, turn: WindowTurn,
+                         rotated, rotate_in_place) -> None:
+        """Single-token stair queries in one call of vLLM's kernel over the stair plane.
+
+        A query rotated at ``p - a + a // E`` sees stair key ``j < a`` (rotated at
+        ``j // E``) at the stair distance; window keys ``a <= j <= p`` are turned to
+        ``j - a + a // E`` for this call, so it sees them at ``p - j``: every key at its
+        spec distance in one softmax, no second pass and no merge. The turn works on whole
+        pages (the few blocks that hold the windows): saved, turned, written, and the saved
+        pages put back, so blocks keep their shareable content between steps.
+        """
+        dec_q = q.index_select(0, dec.rows)
+        if dec.scales is not None:
+            dec_q = dec_q * dec.scales.to(dec_q.dtype)[:, None, None]
+        stair_q = rotated(dec_q, dec.stair_positions)
+        # Turned from the stored keys with the table they were written with; a shift of 0
+        # (keys outside the windows) is an exact identity.
+        saved = planes.turn_pages(K_STAIR, turn.blocks, lambda rows: rotate_in_place(rows, turn.shifts))
+        try:
+            dec_out = torch.empty_like(stair_q)
+            self._kernel(planes.key_stair_pages, planes.value_pages, stair_q, dec_out, call)
+        finally:
+            planes.put_back(K_STAIR, turn.blocks, saved)
+        out.index_copy_(0, dec.rows, dec_out.to(out.dtype))

@@ -31,10 +31,14 @@ from mesa_vllm.rule import MesaGeometry
 
 @dataclass
 class KeyRange:
-    """Keys ``[start, end)`` of one request, as (block id, offset) pairs."""
+    """Keys ``[start, end)`` of one request, as (block id, offset) pairs; for one
+    contiguous range also the blocks it covers and the offset of its first key in the
+    first of them (``lead``), for block-wise reads."""
 
     block_ids: torch.Tensor
     offsets: torch.Tensor
+    blocks: torch.Tensor | None = None
+    lead: int = 0
 
     @property
     def size(self) -> int:
@@ -82,6 +86,7 @@ class PlainRows:
 class StairDecode:
     """Single-token stair queries of several requests, batched."""
 
+    requests: list[int]  # [B] the step's request index of each row
     rows: torch.Tensor  # [B]
     stair_positions: torch.Tensor  # [B] query rotation for the stair pass
     true_positions: torch.Tensor  # [B]
@@ -93,6 +98,9 @@ class StairDecode:
     window_keys: KeyRange  # all windows' keys, concatenated
     window_index: torch.Tensor  # [B, max_window] rows of each window in window_keys
     window_lengths: torch.Tensor  # [B]
+    # Per window key j (step stair): the extra turn from its stair rotation j // E to
+    # j - a + a // E, where a query rotated at p - a + a // E sees it at distance p - j.
+    window_shifts: torch.Tensor
 
 
 @dataclass
@@ -107,7 +115,9 @@ class StepPlan:
 
 def _key_range(block_row: torch.Tensor, start: int, end: int, block_size: int) -> KeyRange:
     pos = torch.arange(start, end, dtype=torch.int64)
-    return KeyRange(block_row[pos // block_size].long(), pos % block_size)
+    first, last = start // block_size, max(start, end - 1) // block_size
+    return KeyRange(block_row[pos // block_size].long(), pos % block_size,
+                    blocks=block_row[first : last + 1].long(), lead=start - first * block_size)
 
 
 def _scales(geom: MesaGeometry, positions: torch.Tensor) -> torch.Tensor | None:
@@ -235,7 +245,10 @@ def build_plan(
         window_offsets = torch.cumsum(window_lengths, 0) - window_lengths
         window_index = window_offsets[:, None] + torch.arange(int(window_lengths.max()))[None, :]
         window_index = torch.minimum(window_index, (window_offsets + window_lengths - 1)[:, None])
+        window_pos = torch.cat([torch.arange(int(ai), int(pi) + 1) for ai, pi in zip(a.tolist(), p.tolist())])
+        window_anchor = torch.repeat_interleave(a, window_lengths)
         decode = StairDecode(
+            requests=reqs,
             rows=torch.tensor([e[1] for e in decode_entries], dtype=torch.int64),
             stair_positions=geom.stair_query_position(p, a),
             true_positions=p,
@@ -249,5 +262,6 @@ def build_plan(
             ),
             window_index=window_index,
             window_lengths=window_lengths,
+            window_shifts=(window_pos - window_pos // geom.E) - (window_anchor - window_anchor // geom.E),
         )
     return StepPlan(num_tokens, positions, plain, runs, decode, all_plain)

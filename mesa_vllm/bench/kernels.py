@@ -10,6 +10,8 @@ timed for:
   mesa's stair pass, which needs the log-sum-exp to merge with the window pass.
 - The rest of mesa's per-layer decode work: the window's key/value gather, the window
   pass, the query rotations, the merge and the cache write (window of ``window`` keys).
+- Where the CPU has AMX: the window turn of mesa's one-pass decode (the ``amx`` page
+  layout), which with vLLM's ``amx`` kernel over the stair plane is all its decode layer does.
 
 Every kernel's output is checked against a float64 reference before it is timed, so a
 layout or numerics change in vLLM fails here instead of producing a fast wrong number.
@@ -70,7 +72,7 @@ def measure(length: int = 32768, window: int = 515, reps: int = 20, seed: int = 
     import vllm._custom_ops as ops  # loads vLLM's _C ops (and SGLang's decode kernel)
 
     from mesa_vllm.attention import ops as mesa_ops
-    from mesa_vllm.attention.kv_layout import K_TRUE, VALUE, MesaKVPlanes
+    from mesa_vllm.attention.kv_layout import K_STAIR, K_TRUE, VALUE, MesaKVPlanes
 
     if not 0 < window < length:
         raise ValueError(f"window must be in (0, length); got window={window}, length={length}")
@@ -158,7 +160,29 @@ def measure(length: int = 32768, window: int = 515, reps: int = 20, seed: int = 
     }
     for name, fn in extra.items():
         report.timings.append(KernelTiming(name, _time_ms(fn, reps * 10), None))
+    if amx:
+        # mesa's one-pass decode (amx layout) runs vLLM's amx kernel over the stair plane;
+        # on top of it, only the window's turn: save its stair rows, turn, write, put back.
+        amx_planes = MesaKVPlanes(torch.zeros(num_blocks, 3 * h, bs, d, dtype=dtype), h, layout="amx")
+        amx_planes.write(key, key, value, slots, "amx")
+        # The blocks holding the window, every token of them turned (mesa turns the others
+        # by 0).
+        turn_blocks = torch.unique(window_blocks)
+        shifts = torch.arange(turn_blocks.numel() * bs)
+        turn_table = torch.randn(length + 1, d).to(dtype)  # any table: timing only
+
+        def window_turn():
+            saved = amx_planes.turn_pages(
+                K_STAIR, turn_blocks,
+                lambda rows: mesa_ops.rotate_in_place(rows, shifts, turn_table, d, True),
+            )
+            amx_planes.put_back(K_STAIR, turn_blocks, saved)
+
+        report.timings.append(KernelTiming(ONE_PASS_TURN, _time_ms(window_turn, reps * 10), None))
     return report
+
+
+ONE_PASS_TURN = "window turn and restore (one-pass decode, amx)"
 
 
 MESA_EXTRA = ("window gather (K_true + V)", "window pass", "query rotations", "merge", "cache write")
@@ -198,6 +222,15 @@ def to_markdown(report: KernelReport, command: str, num_layers: int = 30) -> str
         f"{stair.ms_per_layer / fastest.ms_per_layer:.2f}x the time. The rest of mesa's decode "
         f"layer (window gather and pass, rotations, merge, write) adds {extra:.3f} ms per layer, "
         f"{extra / stair.ms_per_layer:.0%} of its stair pass.",
+    ]
+    if report.amx:
+        amx_split = report.get("vllm amx split").ms_per_layer
+        one_pass = amx_split + report.get(ONE_PASS_TURN).ms_per_layer + report.get("query rotations").ms_per_layer / 2
+        lines += [
+            "",
+            f"mesa's one-pass decode on this host (amx layout: vllm amx split over the stair "
+            f"plane, the window turn, one query rotation): {one_pass:.3f} ms per layer, "
+            f"{amx_split / one_pass:.2f}x the default backend's speed (vllm amx split alone).",
         "",
     ]
     return "\n".join(lines)
