@@ -271,7 +271,7 @@ class MesaMetadataBuilder(AttentionMetadataBuilder[MesaMetadata]):
         # Token-linear rows (kv_layout's row views): block * tokens_per_page + offset.
         tokens_per_page = NUM_PLANES * self.num_kv_heads * self.block_size
         decode_rows = decode_positions = None
-        if plan.decode is not None:
+        if plan.decode is not None and decode_call is None:  # the paged decode kernel's inputs
             decode_rows = plan.decode.stair_block_ids * tokens_per_page + plan.decode.stair_offsets
             decode_positions = torch.cat([plan.decode.stair_positions, plan.decode.true_positions])
 

@@ -106,6 +106,8 @@ class MesaKVPlanes:
         self.key_true_pages = kv_cache[:, 0:h]
         self.value_pages = kv_cache[:, h : 2 * h]
         self.key_stair_pages = kv_cache[:, 2 * h : 3 * h]
+        self._plane_pages = {K_TRUE: self.key_true_pages, VALUE: self.value_pages,
+                             K_STAIR: self.key_stair_pages}
         self._shaped: dict[int, torch.Tensor] = {}
         self._value_rows: torch.Tensor | None = None
         self._key_stair_rows: torch.Tensor | None = None
@@ -119,14 +121,13 @@ class MesaKVPlanes:
         shaped = self._shaped.get(plane)
         if shaped is None:
             n, h, bs, d = self.num_blocks, self.num_kv_heads, self.block_size, self.head_size
-            pages = self.cache[:, plane * h : (plane + 1) * h]
             shape = {
                 _ROW: (n, h, bs, d),
                 _TRANSPOSED: (n, h, d, bs),
                 _AMX_KEY: (n, h, bs // 16, d // 2, 16, 2),
                 _AMX_VALUE: (n, h, d // 16, bs // 2, 16, 2),
             }[self._kind(plane)]
-            shaped = self._shaped[plane] = pages.view(shape)
+            shaped = self._shaped[plane] = self.plane_pages(plane).view(shape)
         return shaped
 
     def _element_index(self, plane: int, block_ids: torch.Tensor, offsets: torch.Tensor) -> tuple:
@@ -145,8 +146,7 @@ class MesaKVPlanes:
 
     def plane_pages(self, plane: int) -> torch.Tensor:
         """The plane's pages as stored, ``[num_blocks, H, block_size, D]`` (any layout)."""
-        h = self.num_kv_heads
-        return self.cache[:, plane * h : (plane + 1) * h]
+        return self._plane_pages[plane]
 
     def tokens_of(self, plane: int, pages: torch.Tensor) -> torch.Tensor:
         """Copies of ``plane``'s pages (``plane_pages(plane)[blocks]``) as token-major
