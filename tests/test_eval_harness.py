@@ -133,10 +133,19 @@ def test_engine_configs():
     # mesa: the defaults for max_model_len = L; overrides through additional_config.
     mesa = engine_config(parse_method("mesa"), 16384, T, ROPE)
     assert mesa.llm_kwargs == {"attention_backend": "mesa"}
-    assert mesa.info["mesa"]["E"] == 3
+    assert mesa.info["mesa"]["E"] == 5  # default R = T/2: 4 * (8191 - 4096) < 16384 <= 5 * ...
     variant = engine_config(parse_method("mesa:E=8,R=512"), 32768, T, ROPE)
     assert variant.llm_kwargs["additional_config"] == {"mesa": {"E": 8, "R": 512}}
     assert variant.info["mesa"]["E"] == 8 and variant.key != mesa.key
+    # A fixed engine length (a server's): E and the matched factors follow it, not the cell.
+    served = engine_config(parse_method("mesa:max_len=64k"), 16384, T, ROPE)
+    assert parse_method("mesa:max_len=65536").label == "mesa:max_len=64k"
+    assert served.max_model_len == 65536 and served.info["max_model_len"] == 65536
+    assert served.info["mesa"]["E"] == engine_config(parse_method("mesa"), 65536, T,
+                                                     ROPE).info["mesa"]["E"] > mesa.info["mesa"]["E"]
+    assert engine_config(parse_method("yarn:max_len=32k"), 16384, T, ROPE).info["factor"] == 4.0
+    assert "shorter than" in engine_config(parse_method("origin:max_len=8k"), 16384, T,
+                                           ROPE).infeasible
     too_fine = engine_config(parse_method("mesa:E=4"), 32768, T, ROPE)
     assert too_fine.infeasible and "E * (T - 1 - R)" in too_fine.infeasible
 
@@ -191,6 +200,75 @@ def test_plan_shares_engines_and_counts_done(tmp_path):
     assert plan.total_seconds > 0
 
 
+def test_rows_of_another_engine_are_stale(tmp_path):
+    # "mesa" resolves to a geometry; rows made when a default gave another one are not done,
+    # and the report counts only the newest engine of each cell.
+    from mesa_vllm.evaluation.methods import engine_config, parse_method
+
+    info = engine_config(parse_method("mesa"), 32768, T, ROPE).info
+    old = {"mesa": {**info["mesa"], "R": info["mesa"]["R"] + 1}}
+    store = ResultStore(tmp_path)
+    store.append([_row(length=32768, index=i, engine=old, score=0.0, time="2026-01-01")
+                  for i in range(3)])
+    store.append([_row(length=32768, index=0, engine=info, score=1.0, time="2026-02-01")])
+    grid = Grid.from_options(tasks=["passkey"], methods=["mesa"], lengths=["32k"], samples=3)
+    cell = make_plan(grid, store, ModelFacts(T, ROPE, 23040), CostModel()).cells[0]
+    assert cell.done == 1 and cell.remaining == [1, 2]
+    # Rows from before the stair shape was recorded had the step stair.
+    from mesa_vllm.evaluation.store import same_engine
+    no_stair = {"mesa": {k: v for k, v in info["mesa"].items() if k != "stair"}}
+    assert info["mesa"]["stair"] == "step" and same_engine({"engine": no_stair}, info)
+    assert not same_engine({"engine": no_stair}, {"mesa": {**info["mesa"], "stair": "linear"}})
+    assert store.done(("passkey", "mesa", 32768, 1))  # without an engine: any scored row
+    assert not store.done(("passkey", "mesa", 32768, 1), engine=info)
+    rows, runs, stale = report.load(tmp_path)
+    assert [r["index"] for r in rows] == [0] and stale == {("passkey", "mesa", 32768): 2}
+    # With T known, a cell holding only old rows is stale too (it is not "the newest engine").
+    info16 = engine_config(parse_method("mesa"), 16384, T, ROPE).info
+    store.append([_row(length=16384, index=0, engine={"mesa": {**info16["mesa"], "E": 99}})])
+    store.append([_row(method="mesa:R=8", length=16384, index=0,
+                       engine=engine_config(parse_method("mesa:R=8"), 16384, T, ROPE).info)])
+    store.log_run({"trained_len": T})
+    written = report.write_report(tmp_path, plots=False)
+    md = written["md"].read_text()
+    assert "| mesa |  | 1.00 (1) |" in md and "| mesa:R=8 | 1.00 (1) |  |" in md
+    assert "passkey, mesa, 32k: 2 rows" in md and "passkey, mesa, 16k: 1 rows" in md
+
+
+def test_identical_engines_reuse_rows(tmp_path, smollm2_dir):
+    # "mesa:R=<default R>" resolves to the same engine as "mesa": its rows are copied for
+    # "mesa" instead of run again; a sweep point with another window is not a twin.
+    from mesa_vllm.evaluation.methods import engine_config, parse_method
+    from mesa_vllm.params import DEFAULT_R_FRACTION
+
+    T_model = 8192
+    twin = f"mesa:R={int(T_model * DEFAULT_R_FRACTION)}"
+    info = engine_config(parse_method(twin), 32768, T_model).info
+    assert info == engine_config(parse_method("mesa"), 32768, T_model).info
+    other = engine_config(parse_method("mesa:R=512"), 32768, T_model).info
+    store = ResultStore(tmp_path)
+    store.append([_row(method=twin, length=32768, index=0, engine=info, model=str(smollm2_dir)),
+                  _row(method="mesa:R=512", length=32768, index=1, engine=other,
+                       model=str(smollm2_dir))])
+    grid = Grid.from_options(tasks=["passkey"], methods=["mesa"], lengths=["32k"], samples=2)
+    shifted = Runner(grid, RunOptions(out_dir=tmp_path, model=str(smollm2_dir), seed=5,
+                                      progress=False, log=lambda *_: None))
+    assert shifted.plan.cells[0].done == 0  # other seeds: other prompts, no twin
+    logs = []
+    runner = Runner(grid, RunOptions(out_dir=tmp_path, model=str(smollm2_dir), progress=False,
+                                     log=logs.append))
+    cell = runner.plan.cells[0]
+    assert cell.done == 1 and cell.remaining == [1]
+    copied = runner.store.rows[("passkey", "mesa", 32768, 0)]
+    assert copied["same_engine_as"] == twin and copied["score"] == 1.0
+    assert any("reusing 1 samples" in line for line in logs)
+    # Planning alone writes nothing; the copy is written when the run starts.
+    assert len(read_rows(tmp_path / "results.jsonl")) == 2
+    runner.plan.groups.clear()  # no engine to start here: only the copies are written
+    runner.run()
+    assert ResultStore(tmp_path).rows[("passkey", "mesa", 32768, 0)]["same_engine_as"] == twin
+
+
 def test_cost_model_scales_and_calibrates():
     cost = CostModel()
     geometry = {"F": 128, "C": 2048, "R": 1024, "E": 8}
@@ -243,7 +321,8 @@ def test_report_tables_and_plots(tmp_path):
         assert written[name].is_file() and written[name].stat().st_size > 0, name
     for name in ("accuracy", "perplexity", "sweep"):
         assert written[name].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    rows, runs = report.load(tmp_path)
+    rows, runs, stale = report.load(tmp_path)
+    assert stale == {}
     records = {(r["task"], r["method"], r["length"]): r for r in report.aggregate(rows, runs)}
     assert records[("passkey", "origin", 4096)]["mean"] == 0.75
     assert records[("passkey", "mesa", 32768)]["n"] == 4

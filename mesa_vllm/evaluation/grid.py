@@ -41,18 +41,17 @@ PRESETS: dict[str, dict] = {
         "lengths": ISSUE4_LENGTHS,
         "samples": {"*": 20, "ppl": 6},
     },
-    # The mesa parameter sweep (passkey + multi-key needle, past T only). E can be no smaller
-    # than the stair capacity allows: at 32k E >= 5, at 64k E >= 9 (T = 8192); infeasible
-    # points are reported as such. R values are multiples of both E=5 and E=10 (the rule puts
-    # R on the stair grid; R=256 or 2048 would be refused at every length).
+    # The mesa parameter sweep (passkey + multi-key needle, past T only), around the defaults
+    # (R = T/2, the smallest E that covers the length): the window from T/8 to 5T/8 with E
+    # chosen for it, and E from the smallest feasible up with the default window. With
+    # R = T/2 and T = 8192, E >= 5 at 16k, 9 at 32k and 17 at 64k; infeasible points are
+    # reported as such.
     "sweep": {
         "tasks": ["passkey", "niah_multikey"],
         "methods": [
-            "mesa:E=3", "mesa:E=4", "mesa:E=5", "mesa:E=6", "mesa:E=8",
-            "mesa:E=10", "mesa:E=12", "mesa:E=16",
-            "mesa:E=5,R=260", "mesa:E=5,R=2050", "mesa:E=10,R=260", "mesa:E=10,R=2050",
-            "mesa:E=5,log_n=false", "mesa:E=10,log_n=false",
-            "mesa:E=5,C=4096", "mesa:E=10,C=4096",
+            "mesa:R=1024", "mesa:R=2048", "mesa:R=3072", "mesa:R=5120",
+            "mesa:E=5", "mesa:E=8", "mesa:E=9", "mesa:E=12", "mesa:E=17", "mesa:E=24",
+            "mesa:log_n=false", "mesa:C=4096", "mesa:stair=linear",
         ],
         "lengths": [16384, 32768, 65536],
         "samples": {"*": 10},

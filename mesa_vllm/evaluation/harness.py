@@ -35,7 +35,8 @@ from pathlib import Path
 from mesa_vllm.evaluation.cost import CostModel
 from mesa_vllm.evaluation.grid import Grid, depth_for, format_length
 from mesa_vllm.evaluation.methods import EngineConfig, Method, engine_config
-from mesa_vllm.evaluation.store import ResultStore, prompt_sha, read_rows
+from mesa_vllm.evaluation.store import (ResultStore, append_rows, prompt_sha, read_rows,
+                                        row_key)
 from mesa_vllm.tasks.base import Sample
 from mesa_vllm.tasks.perplexity import perplexity, ppl_stats
 from mesa_vllm.tasks.registry import get_task
@@ -147,8 +148,9 @@ def make_plan(grid: Grid, store: ResultStore, facts: ModelFacts, cost: CostModel
             config = EngineConfig(cell.length, info={"endpoint": True})
         else:
             config = engine_config(method, cell.length, facts.trained_len, facts.rope_parameters)
+        # A row made by another engine (a default parameter changed since) is not done.
         done = [i for i in range(cell.samples)
-                if store.done((cell.task, method.label, cell.length, i))]
+                if store.done((cell.task, method.label, cell.length, i), engine=config.info)]
         remaining = [i for i in range(cell.samples) if i not in set(done)]
         pc = PlanCell(cell.task, method, cell.length, cell.samples, len(done), remaining, config)
         cells.append(pc)
@@ -304,7 +306,34 @@ class Runner:
             timed += read_rows(folder / "results.jsonl")
         self.cost = cost.calibrated(timed, self.facts.trained_len)
         label = (options.endpoint.get("label") or "endpoint") if options.endpoint else None
+        self._twin_rows = self._reuse_twins() if label is None else []
         self.plan = make_plan(grid, self.store, self.facts, self.cost, label)
+
+    def _reuse_twins(self) -> list[dict]:
+        """Samples another label already ran on an identical engine are not run again: their
+        rows are copied under this label, marked ``same_engine_as`` (e.g. after a default
+        change made ``mesa`` resolve to a sweep point that has results). The copies count as
+        done for the plan; :meth:`run` writes them."""
+        copies = []
+        for cell in self.grid.cells():
+            config = engine_config(cell.method, cell.length, self.facts.trained_len,
+                                   self.facts.rope_parameters)
+            if config.infeasible:
+                continue
+            for i in range(cell.samples):
+                key = (cell.task, cell.method.label, cell.length, i)
+                if self.store.done(key, engine=config.info):
+                    continue
+                twin = self.store.twin(key, cell.method.kind, config.info, self.model,
+                                       self.options.seed + i)
+                if twin is not None:
+                    copies.append({**twin, "method": cell.method.label, "run_id": self.run_id,
+                                   "same_engine_as": twin["method"]})
+        if copies:
+            self.options.log(f"reusing {len(copies)} samples run before by identical engines "
+                             f"({', '.join(sorted({c['same_engine_as'] for c in copies}))})")
+            self.store.rows.update((row_key(c), c) for c in copies)
+        return copies
 
     # -- prompts ---------------------------------------------------------------------------
     def _tok(self):
@@ -335,6 +364,9 @@ class Runner:
             options.log(f"note: ignoring {name}={os.environ[name]} (methods carry their own "
                         "mesa parameters)")
             del os.environ[name]
+        if self._twin_rows:
+            append_rows(self.store.path, self._twin_rows)
+            self._twin_rows = []
         todo = sum(len(g.items) for g in plan.groups)
         started = time.monotonic()
         deadline = started + options.time_budget if options.time_budget else None
@@ -436,10 +468,13 @@ class Runner:
                 wanted = []
                 for method in group.items[(task, i)]:
                     key = (task, method.label, group.length, i)
-                    if self.store.done(key, sha):
+                    if self.store.done(key, sha, engine=group.config.info):
                         continue
-                    if self.store.done(key):
+                    if self.store.done(key, engine=group.config.info):
                         options.log(f"note: {key} was run on a different prompt; running again")
+                    elif self.store.done(key):
+                        options.log(f"note: {key} was run by a different engine (a default "
+                                    "changed?); running again")
                     wanted.append(method)
                 if wanted:
                     work.append((sample, wanted))

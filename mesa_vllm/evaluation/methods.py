@@ -22,22 +22,25 @@ A method is written ``KIND`` or ``KIND:key=value,key=value``:
   reported, not run.
 
 Every cell of length ``L`` runs on an engine with ``max_model_len = L`` (prompt + generated
-tokens fit in ``L``). Two methods whose engines would be identical (``yarn``/``ntk`` and ``origin`` at
+tokens fit in ``L``), the best case for every method: the engine is sized to the prompt. A
+server has one ``max_model_len`` for prompts of every length; ``max_len=32k`` (any method)
+fixes the engine's length instead, so shorter prompts run on the engine a server would have
+(mesa's ``E`` and the matched ``yarn``/``ntk`` factors follow ``max_len``, not ``L``). Two methods whose engines would be identical (``yarn``/``ntk`` and ``origin`` at
 ``L <= T``) share one engine and its outputs.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 KINDS = ("origin", "yarn", "ntk", "mesa")
 _PARAMS = {
-    "origin": set(),
-    "yarn": {"factor", "beta_fast", "beta_slow"},
-    "ntk": {"factor"},
-    "mesa": {"F", "C", "R", "E", "log_n", "stair"},
+    "origin": {"max_len"},
+    "yarn": {"factor", "beta_fast", "beta_slow", "max_len"},
+    "ntk": {"factor", "max_len"},
+    "mesa": {"F", "C", "R", "E", "log_n", "stair", "max_len"},
 }
 
 
@@ -63,6 +66,13 @@ class Method:
 
 def _parse_value(text: str, key: str = "") -> Any:
     low = text.strip().lower()
+    if key == "max_len":  # a length: 32768 or 32k
+        from mesa_vllm.evaluation.grid import parse_length
+
+        try:
+            return parse_length(text)
+        except ValueError as exc:
+            raise MethodError(str(exc)) from None
     if key == "stair":  # a word: the stair shape, checked by the engine's own parser
         from mesa_vllm.params import MesaConfigError, parse_stair
 
@@ -102,11 +112,15 @@ def parse_method(text: str) -> Method:
                 allowed = ", ".join(sorted(_PARAMS[kind])) or "none"
                 raise MethodError(f"bad parameter {item!r} for {kind}; parameters: {allowed}")
             params.append((key, _parse_value(value, key)))
-    label = kind + (":" + ",".join(f"{k}={_fmt(v)}" for k, v in params) if params else "")
+    label = kind + (":" + ",".join(f"{k}={_fmt(v, k)}" for k, v in params) if params else "")
     return Method(label, kind, tuple(params))
 
 
-def _fmt(value: Any) -> str:
+def _fmt(value: Any, key: str = "") -> str:
+    if key == "max_len":
+        from mesa_vllm.evaluation.grid import format_length
+
+        return format_length(value)
     if isinstance(value, bool):
         return "true" if value else "false"
     return str(value)
@@ -136,11 +150,23 @@ def engine_config(method: Method, length: int, trained_len: int,
     ``rope_parameters``: the model's own (``config.json``), kept under any scaling added here
     (so ``rope_theta`` is preserved).
     """
+    config = _engine_config(method, length, trained_len, rope_parameters)
+    if "max_len" in method.param_dict and not config.infeasible:
+        # A fixed engine length is part of what made the rows (results keep it apart).
+        return replace(config, info={**config.info, "max_model_len": config.max_model_len})
+    return config
+
+
+def _engine_config(method: Method, length: int, trained_len: int,
+                   rope_parameters: dict | None) -> EngineConfig:
     T = int(trained_len)
-    L = int(length)
+    params = method.param_dict
+    L = int(params.pop("max_len", length))  # the engine's length
+    if L < int(length):
+        return EngineConfig(L, infeasible=(
+            f"max_len={L} is shorter than the cell's length {int(length)}"))
     base_rope = {k: v for k, v in (rope_parameters or {}).items()
                  if k in ("rope_theta", "partial_rotary_factor")}
-    params = method.param_dict
 
     def plain(info=None) -> EngineConfig:
         if L <= T:

@@ -27,7 +27,8 @@ from collections import defaultdict
 from pathlib import Path
 
 from mesa_vllm.evaluation.grid import format_length
-from mesa_vllm.evaluation.store import RESULTS_FILE, RUNS_FILE, latest_rows, read_rows
+from mesa_vllm.evaluation.store import (RESULTS_FILE, RUNS_FILE, current_rows, latest_rows,
+                                        read_rows)
 from mesa_vllm.tasks.perplexity import TAIL
 
 METHOD_ORDER = ["origin", "yarn", "ntk", "mesa"]
@@ -45,11 +46,36 @@ def _method_sort_key(label: str, seen: list[str]):
     return (rank, _is_variant(label), seen.index(label) if label in seen else 0, label)
 
 
-def load(out_dir: str | Path) -> tuple[list[dict], list[dict]]:
+def load(out_dir: str | Path, trained_len: int | None = None
+         ) -> tuple[list[dict], list[dict], dict[tuple, int]]:
+    """The rows to report (the latest of each key, made by the engine its label resolves to
+    today), the run records, and how many stale rows each cell left out."""
     out_dir = Path(out_dir)
-    rows = list(latest_rows(read_rows(out_dir / RESULTS_FILE)).values())
     runs = read_rows(out_dir / RUNS_FILE)
-    return rows, runs
+    if trained_len is None:
+        trained_len = _trained_len(runs)
+    rows, stale = current_rows(latest_rows(read_rows(out_dir / RESULTS_FILE)).values(),
+                               lambda row: _mesa_engine_today(row, trained_len))
+    return rows, runs, stale
+
+
+def _trained_len(runs: list[dict]) -> int | None:
+    found = [r.get("trained_len") for r in runs if r.get("trained_len")]
+    return found[-1] if found else None
+
+
+def _mesa_engine_today(row: dict, trained_len: int | None) -> dict | None:
+    """What a local mesa row's label resolves to with today's defaults (it needs only ``T``);
+    None for other methods, whose engines also depend on the model's rope parameters."""
+    if row.get("kind") != "mesa" or row.get("backend") != "vllm" or not trained_len:
+        return None
+    from mesa_vllm.evaluation.methods import MethodError, engine_config, parse_method
+
+    try:
+        config = engine_config(parse_method(row["method"]), int(row["length"]), trained_len)
+    except MethodError:
+        return None
+    return None if config.infeasible else config.info
 
 
 def aggregate(rows: list[dict], runs: list[dict] | None = None) -> list[dict]:
@@ -412,10 +438,9 @@ def write_report(out_dir: str | Path, trained_len: int | None = None,
                  plots: bool = True) -> dict:
     """Write ``summary.csv``, ``summary.md`` and the plots; return their paths."""
     out_dir = Path(out_dir)
-    rows, runs = load(out_dir)
+    rows, runs, stale = load(out_dir, trained_len)
     if trained_len is None:
-        found = [r.get("trained_len") for r in runs if r.get("trained_len")]
-        trained_len = found[-1] if found else None
+        trained_len = _trained_len(runs)
     records = aggregate(rows, runs)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = {}
@@ -431,6 +456,11 @@ def write_report(out_dir: str | Path, trained_len: int | None = None,
         for a in agree:
             text += (f"| {a['method']} | {format_length(a['length'])} | {a['identical']} / "
                      f"{a['compared']} | {a['ppl_max_rel_diff']:.2%} |\n")
+    if stale:
+        text += ("\nLeft out as stale (made by an engine the label no longer resolves to, e.g. "
+                 "before a default changed; run the cell again to replace them):\n\n")
+        for (task, method, length), n in sorted(stale.items()):
+            text += f"- {task}, {method}, {format_length(length)}: {n} rows\n"
     (out_dir / "summary.md").write_text(text)
     written["md"] = out_dir / "summary.md"
     if plots and rows:
