@@ -67,7 +67,7 @@ EXPECTED = {
     "unknown-parameter": r"MesaConfigError: unknown mesa parameter 'stride'",
     "past-stair-capacity":
         r"MesaConfigError: mesa limit max_model_len <= E \* \(T - 1 - R\) is broken: "
-        r"max_model_len=32768 > 2 \* \(8192 - 1 - 1024\) = 14334.*Use E=\d+",
+        r"max_model_len=32768 > 2 \* \(8192 - 1 - 4096\) = 8190.*Use E=\d+",  # default R = T/2
     "past-any-stair":
         r"MesaConfigError: mesa limit max_model_len <= E \* \(T - 1 - R\) cannot be met: "
         r"max_model_len=100000 .*Use --max-model-len \d+",
