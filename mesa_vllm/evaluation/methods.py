@@ -25,8 +25,9 @@ Every cell of length ``L`` runs on an engine with ``max_model_len = L`` (prompt 
 tokens fit in ``L``), the best case for every method: the engine is sized to the prompt. A
 server has one ``max_model_len`` for prompts of every length; ``max_len=32k`` (any method)
 fixes the engine's length instead, so shorter prompts run on the engine a server would have
-(mesa's ``E`` and the matched ``yarn``/``ntk`` factors follow ``max_len``, not ``L``). Two methods whose engines would be identical (``yarn``/``ntk`` and ``origin`` at
-``L <= T``) share one engine and its outputs.
+(mesa's ``E`` and the matched ``yarn``/``ntk`` factors follow ``max_len``, not ``L``). Two
+methods whose engines would be identical (``yarn``/``ntk`` and ``origin`` at ``L <= T``) share
+one engine and its outputs.
 """
 
 from __future__ import annotations

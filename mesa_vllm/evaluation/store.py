@@ -123,7 +123,8 @@ class ResultStore:
         self.rows = latest_rows(read_rows(self.path))
 
     def done(self, key: tuple, sha: str | None = None, engine: dict | None = None) -> bool:
-        """True when ``key`` has a scored row (for prompt ``sha`` and made by ``engine``, if given)."""
+        """True when ``key`` has a scored row (for prompt ``sha`` and made by ``engine``, where
+        given)."""
         row = self.rows.get(key)
         if row is None or row.get("error"):
             return False
