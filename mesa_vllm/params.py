@@ -31,8 +31,9 @@ ENV_PREFIX = "MESA_"
 # window of T/2. Chosen by the sweep on SmolLM2 (benchmarks/results/long_context; README,
 # Parameters, "How the defaults were chosen"): passkey at 32k is 0.95 with R = T/2
 # against 0.45 with T/8, 0.65 with T/4 and 0.70 with 3T/8; 16k stays at 0.95-1.00 (0.90
-# on a 32k engine, T/8 0.80) and no window reaches 0.9 at 64k. The price is prefill: the last R prompt tokens attend to every key (+61% prefill
-# time at 32k against T/8, still 2.45x faster than the default backend; decode unchanged).
+# on a 32k engine, T/8 0.80) and no window reaches 0.9 at 64k. The price is prefill: the
+# last R prompt tokens attend to every key (+61% prefill time at 32k against T/8, still
+# 2.45x faster than the default backend; decode unchanged on the host without AMX).
 # A coarser stair (E=8), log_n off and the linear stair were no better at 32k.
 DEFAULT_R_FRACTION = 1 / 2
 # The window that error messages offer as "a value that works": narrow enough to leave the
