@@ -121,6 +121,7 @@ class ResultStore:
         self.dir = Path(out_dir)
         self.path = self.dir / RESULTS_FILE
         self.rows = latest_rows(read_rows(self.path))
+        self._sample_index: tuple[int, dict] | None = None
 
     def done(self, key: tuple, sha: str | None = None, engine: dict | None = None) -> bool:
         """True when ``key`` has a scored row (for prompt ``sha`` and made by ``engine``, where
@@ -138,14 +139,25 @@ class ResultStore:
         ``mesa`` and the sweep point its defaults resolve to), whose output this label would
         repeat."""
         task, label, length, index = key
-        for (t, other, n, i), row in self.rows.items():
-            if (t, n, i) == (task, length, index) and other != label and not row.get("error") \
-                    and row.get("seed") == seed \
+        for other in self._labels_by_sample().get((task, length, index), ()):
+            row = self.rows[(task, other, length, index)]
+            if other != label and not row.get("error") and row.get("seed") == seed \
                     and row.get("kind") == kind and row.get("backend") == "vllm" \
                     and row.get("model") == model and "engine" in row \
                     and same_engine(row, engine):
                 return row
         return None
+
+    def _labels_by_sample(self) -> dict[tuple, list[str]]:
+        # The labels with a row per (task, length, index), so twin() does not scan every row for
+        # every sample. Keys are never removed from self.rows (callers also add to it directly),
+        # so a change in its size is what makes the index stale; rows are read live.
+        if self._sample_index is None or self._sample_index[0] != len(self.rows):
+            index: dict[tuple, list[str]] = {}
+            for task, label, length, i in self.rows:
+                index.setdefault((task, length, i), []).append(label)
+            self._sample_index = (len(self.rows), index)
+        return self._sample_index[1]
 
     def append(self, rows: Iterable[dict]) -> None:
         rows = list(rows)
